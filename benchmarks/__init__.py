@@ -1,0 +1,1 @@
+"""Benchmarks for keras_lora (run with `python -m benchmarks`)."""

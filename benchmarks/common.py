@@ -1,0 +1,230 @@
+"""Small helpers shared by the benchmarks: timing, machine info, output."""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+
+def time_calls(fn, warmup=3, repeats=20):
+    """Calls `fn` `warmup` times untimed, then returns `repeats` timings.
+
+    `fn` must block until its work is done (e.g. `block_until_ready` on
+    JAX). Returns the per-call wall-clock times in seconds.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_interleaved(fns, warmup=3, repeats=20):
+    """Times several callables side by side, one call of each per round.
+
+    `fns` maps names to callables. Each is warmed up `warmup` times first;
+    then every round calls each callable once (the order rotates from round
+    to round), so slow drift of the machine hits all of them alike.
+    Returns `{name: [seconds per call, ...]}`.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times):
+    """Median, quartiles and min of a list of seconds, in milliseconds."""
+    ms = sorted(t * 1e3 for t in times)
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else ms * 3
+    return {
+        "median_ms": statistics.median(ms),
+        "p25_ms": quartiles[0],
+        "p75_ms": quartiles[2],
+        "min_ms": ms[0],
+        "n": len(ms),
+    }
+
+
+def cpu_model():
+    """The CPU model name from /proc/cpuinfo (or `platform` as fallback)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def backend_versions(backend):
+    """Version strings of the packages behind a Keras backend name."""
+    versions = {}
+    modules = {
+        "jax": ("jax", "jaxlib"),
+        "tensorflow": ("tensorflow",),
+        "torch": ("torch",),
+        "numpy": ("numpy",),
+    }.get(backend, ())
+    for module_name in modules:
+        try:
+            module = __import__(module_name)
+            versions[module_name] = module.__version__
+        except ImportError:
+            versions[module_name] = None
+    return versions
+
+
+def machine_info(backend=None):
+    """A JSON-friendly description of this machine and software stack."""
+    import keras
+    import numpy
+
+    try:
+        usable_cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable_cores = os.cpu_count()
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable_cores,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "keras": keras.__version__,
+    }
+    if backend is not None:
+        info["backend"] = backend
+        info["backend_versions"] = backend_versions(backend)
+    return info
+
+
+def load_average():
+    """The 1/5/15-minute load averages (None where unsupported)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+class CpuMonitor:
+    """Measures how much CPU other processes used while this one ran.
+
+    Compares the machine-wide busy time from /proc/stat with this
+    process's own CPU time (all threads). `other_share()` is the other
+    processes' busy time as a fraction of the machine's capacity (cores x
+    wall time): near 0 on a quiet machine. None where /proc is missing.
+    """
+
+    def __init__(self):
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + fields[4]  # idle + iowait
+        busy = sum(fields[:8]) - idle  # excludes guest time (in user)
+        return busy / ticks, time.process_time(), time.perf_counter()
+
+    def other_share(self):
+        end = self._snapshot()
+        if self._start is None or end is None:
+            return None
+        busy = end[0] - self._start[0]
+        own = end[1] - self._start[1]
+        wall = end[2] - self._start[2]
+        capacity = wall * (os.cpu_count() or 1)
+        return max(0.0, (busy - own) / capacity) if capacity else None
+
+
+def write_json(path, data):
+    """Writes `data` as JSON to `path` atomically (temp file + replace)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=directory, prefix=".tmp-", suffix=".json", text=True
+    )
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically (temp file + replace)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", text=True)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def markdown_table(rows, columns=None):
+    """Renders a list of dicts as a GitHub markdown table.
+
+    `columns` is a list of keys (or `(key, header)` pairs); by default the
+    keys of the first row. Floats are shown with 2 decimals, `None` as
+    "n/a". Numeric columns are right-aligned.
+    """
+    if not rows:
+        return ""
+    if columns is None:
+        columns = list(rows[0])
+    columns = [c if isinstance(c, tuple) else (c, c) for c in columns]
+
+    def fmt(value):
+        if value is None:
+            return "n/a"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    def numeric(key):
+        values = [r.get(key) for r in rows if r.get(key) is not None]
+        return bool(values) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in values
+        )
+
+    header = "| " + " | ".join(h for _, h in columns) + " |"
+    rule = (
+        "|"
+        + "|".join("---:" if numeric(key) else "---" for key, _ in columns)
+        + "|"
+    )
+    lines = [header, rule]
+    for row in rows:
+        cells = [fmt(row.get(key)) for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""The only place keras_lora touches private Keras state.
+
+Keras locks a layer's variable tracker once the layer is built, and offers
+no public way to add or drop a variable afterwards. Named adapters need both
+(`add_adapter` on a built layer, `delete_adapter`), exactly as Keras's own
+`enable_lora` does internally, so these two helpers reach into the tracker.
+Nothing else in the package uses private Keras API.
+"""
+
+import contextlib
+
+
+@contextlib.contextmanager
+def unlocked_tracker(layer):
+    """Lets `layer.add_weight` run on an already-built layer."""
+    tracker = getattr(layer, "_tracker", None)
+    was_locked = bool(tracker is not None and tracker.locked)
+    if was_locked:
+        tracker.unlock()
+    try:
+        yield
+    finally:
+        if was_locked:
+            tracker.lock()
+
+
+def untrack_variable(layer, variable):
+    """Removes `variable` from `layer`'s state (and torch's parameters)."""
+    layer._untrack_variable(variable)
+
+
+def set_sublayer(parent, attribute, new_layer):
+    """Sets `parent.<attribute> = new_layer` on a built `parent`.
+
+    The old sublayer is untracked so `parent.layers`/weights don't list it
+    twice (its variables stay reachable through the new layer if shared).
+    """
+    old = getattr(parent, attribute, None)
+    with unlocked_tracker(parent):
+        if old is not None and hasattr(parent, "_tracker"):
+            parent._tracker.untrack(old)
+        setattr(parent, attribute, new_layer)
+
+
+def is_functional(model):
+    """True for graph-built models (Functional, keras-hub backbones)."""
+    return hasattr(model, "_nodes_by_depth") and hasattr(model, "_operations")
+
+
+def replace_in_functional(model, old, new):
+    """Puts `new` in place of `old` in a Functional model's graph.
+
+    Keras has no public API to swap a layer inside a built Functional model
+    (`clone_model` builds a different model object), so this rewires the
+    graph: the nodes that called `old` now call `new`, and the bookkeeping
+    keyed by the operation object follows. `new` must carry `old`'s name,
+    which is what the saved config refers to.
+    """
+    from keras.src.ops.node import KerasHistory
+
+    if new.name != old.name:
+        raise ValueError("Internal error: replacement must keep the name.")
+    nodes = list(old._inbound_nodes)
+    for node in nodes:
+        node.operation = new
+        for tensor in node.outputs:
+            history = getattr(tensor, "_keras_history", None)
+            if history is not None and history.operation is old:
+                tensor._keras_history = KerasHistory(
+                    new, history.node_index, history.tensor_index
+                )
+    new._inbound_nodes = nodes
+    new._outbound_nodes = list(old._outbound_nodes)
+    model._operations = [new if op is old else op for op in model._operations]
+    prefix = f"{id(old)}_ib-"
+    model._nodes = {
+        f"{id(new)}_ib-{key[len(prefix) :]}" if key.startswith(prefix) else key
+        for key in model._nodes
+    }
+    layers = getattr(model, "_layers", None)
+    if layers is not None and any(layer is old for layer in layers):
+        with unlocked_tracker(model):
+            model._tracker.untrack(old)
+            model._tracker.track(new)
+
+
+def rebuild_sequential(model):
+    """Rebuilds a Sequential model's graph after its layers changed.
+
+    `Sequential.add(..., rebuild=True)` does this through the same private
+    method; calling it once after several swaps avoids rebuilding per layer.
+    """
+    model._maybe_rebuild()

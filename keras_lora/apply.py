@@ -1,0 +1,262 @@
+"""`apply_lora`: put LoRA layers into a whole model, in place."""
+
+import difflib
+import re
+
+import keras
+
+from keras_lora import surgery
+from keras_lora.config import DEFAULT_LAYERS_PATTERNS, LoraConfig, path_matches
+from keras_lora.dense import LoraDense
+from keras_lora.einsum_dense import LoraEinsumDense
+from keras_lora.lora_layer import LoraLayer
+
+# Dispatch: which LoRA class wraps which Keras layer type.
+LORA_CLASSES = {
+    keras.layers.EinsumDense: LoraEinsumDense,
+    keras.layers.Dense: LoraDense,
+}
+_DEFAULT_ATTRIBUTES = ("_query_dense", "_value_dense")
+
+
+def lora_class_for(layer):
+    """The LoRA class for `layer`'s type, or None if unsupported."""
+    for base_class, lora_class in LORA_CLASSES.items():
+        if type(layer) is base_class or isinstance(layer, base_class):
+            return lora_class
+    return None
+
+
+def apply_lora(model, config=None, adapter_name="default"):
+    """Adds LoRA adapter `adapter_name` to the layers `config` targets.
+
+    In place: matching `Dense`/`EinsumDense` layers are swapped for
+    `LoraDense`/`LoraEinsumDense` sharing their weights; layers that are
+    already LoRA layers get a new named adapter. Everything else is frozen
+    (except biases per `config.bias` and `config.modules_to_save`).
+    Call `model.compile(...)` afterwards, as after any change of what trains.
+
+    Args:
+        model: any Keras model (Sequential, Functional, subclassed, keras-hub
+            backbone or task), built or not (layers created in `build`, such
+            as MultiHeadAttention's projections, need a built model).
+        config: a `LoraConfig`; defaults to rank 8 on attention query/value.
+        adapter_name: name of the new adapter.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    >>> import keras, keras_lora as kl
+    >>> inputs = keras.Input((4, 8))
+    >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    >>> model = keras.Model(inputs, mha(inputs, inputs))
+    >>> _ = kl.apply_lora(model, kl.LoraConfig(rank=2))
+    >>> [w.name for w in model.trainable_weights][:2]
+    ['lora_a_default', 'lora_b_default']
+    """
+    config = LoraConfig() if config is None else config
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"apply_lora: `config` must be a keras_lora.LoraConfig, got "
+            f"{type(config).__name__}."
+        )
+    sites = list(surgery.walk(model))
+    targets = find_targets(model, config, sites)
+    for site in targets:
+        layer = site.layer
+        if isinstance(layer, LoraLayer) and adapter_name in layer.adapters:
+            raise ValueError(
+                f"Layer '{site.path}' already has an adapter named "
+                f"'{adapter_name}'. Choose another `adapter_name`, or "
+                "`delete_adapter` first."
+            )
+        if not isinstance(layer, LoraLayer):
+            lora_class_for(layer).check_factorable(layer)
+    for site in targets:
+        _adapt(site, config, adapter_name)
+    freeze_non_lora(model, config)
+    record = _records(model)
+    record[adapter_name] = config
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+def find_targets(model, config, sites=None):
+    """The `Site`s that `config` targets in `model` (raises if none)."""
+    sites = list(surgery.walk(model)) if sites is None else sites
+    candidates = [
+        s
+        for s in sites
+        if isinstance(s.layer, LoraLayer) or lora_class_for(s.layer)
+    ]
+    matched = [s for s in candidates if _is_target(s, config)]
+    if config.exclude_modules is not None:
+        matched = [
+            s for s in matched if not _matches(config.exclude_modules, s)
+        ]
+    if config.layers_to_transform is not None:
+        matched = [
+            s
+            for s in matched
+            if _block_index(s.path, config.layers_pattern)
+            in config.layers_to_transform
+        ]
+    if not matched:
+        raise ValueError(_no_match_message(model, config, sites))
+    return matched
+
+
+def _is_target(site, config):
+    targets = config.target_modules
+    if targets is None:
+        return (
+            isinstance(site.parent, keras.layers.MultiHeadAttention)
+            and site.attribute in _DEFAULT_ATTRIBUTES
+        )
+    if targets == "all-linear":
+        return not _is_output_layer(site)
+    return _matches(targets, site)
+
+
+def _matches(patterns, site):
+    if isinstance(patterns, str):
+        try:
+            return re.fullmatch(patterns, site.path) is not None
+        except re.error:
+            return False
+    return any(path_matches(p, site.path) for p in patterns)
+
+
+def _is_output_layer(site):
+    parent = site.parent
+    if not site.in_graph:
+        return False
+    outputs = getattr(parent, "outputs", None) or []
+    return any(
+        getattr(t, "_keras_history", (None,))[0] is site.layer for t in outputs
+    )
+
+
+def _block_index(path, layers_pattern):
+    patterns = [layers_pattern] if layers_pattern else DEFAULT_LAYERS_PATTERNS
+    for component in path.split("/"):
+        for pattern in patterns:
+            match = re.fullmatch(rf"(?:{pattern})_?(\d+)", component)
+            if match:
+                return int(match.group(1))
+    return None
+
+
+def _no_match_message(model, config, sites):
+    names = sorted({s.path for s in sites} | {s.layer.name for s in sites})
+    wanted = config.target_modules
+    if wanted is None:
+        what = "the query/value projections of MultiHeadAttention layers"
+        hint = (
+            "The model has no built MultiHeadAttention layer (its "
+            "projections are created when it is first called): build the "
+            "model first, or set target_modules."
+        )
+        queries = ["query", "value"]
+    else:
+        what = f"target_modules={wanted!r}"
+        hint = "Check the names against the model's layer paths."
+        queries = [wanted] if isinstance(wanted, str) else list(wanted)
+    close = []
+    for query in queries:
+        close += difflib.get_close_matches(query, names, n=5, cutoff=0.3)
+    close = list(dict.fromkeys(close))[:8] or names[:8]
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = f" (restricted to blocks {config.layers_to_transform})"
+    return (
+        f"apply_lora: no Dense/EinsumDense layer in model '{model.name}' "
+        f"matches {what}{extra}. {hint} Closest layer names: {close}."
+    )
+
+
+def _adapt(site, config, adapter_name):
+    rank = config.rank_for(site.path)
+    alpha = config.alpha_for(site.path)
+    kwargs = dict(
+        rank=rank,
+        alpha=alpha,
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
+    )
+    if config.init == "gaussian":
+        kwargs["a_initializer"] = keras.initializers.RandomNormal(
+            stddev=1.0 / rank
+        )
+    layer = site.layer
+    if isinstance(layer, LoraLayer):
+        layer.add_adapter(adapter_name, **kwargs)
+        lora = layer
+    else:
+        lora = lora_class_for(layer).wrap(
+            layer,
+            adapter_name=adapter_name,
+            bias_trainable=config.bias == "lora_only",
+            **kwargs,
+        )
+        surgery.replace(site, lora)
+    if config.init == "pissa":
+        lora.pissa_init(adapter_name)
+
+
+def freeze_non_lora(model, config):
+    """Freezes every layer that is not LoRA or in `modules_to_save`."""
+    saved = config.modules_to_save or []
+    for site in surgery.walk(model):
+        layer = site.layer
+        if isinstance(layer, LoraLayer):
+            layer.trainable = True
+            continue
+        if saved and _matches(saved, site):
+            layer.trainable = True
+            continue
+        if _owns_variables(layer):
+            layer.trainable = False
+    if config.bias == "all":
+        for site in surgery.walk(model):
+            layer = site.layer
+            bias = getattr(layer, "bias", None)
+            if bias is None or isinstance(layer, LoraLayer):
+                continue
+            if not layer.trainable:
+                layer.trainable = True
+                for variable in layer.weights:
+                    variable.trainable = variable is bias
+        for layer in lora_layers(model):
+            layer.bias_trainable = True
+            layer.trainable = True
+
+
+def _owns_variables(layer):
+    children = set()
+    for site in surgery._children(layer, ""):
+        children.update(id(w) for w in site.layer.weights)
+    return any(id(w) not in children for w in layer.weights)
+
+
+def lora_layers(model):
+    """All LoRA layers in `model`, in walk order."""
+    return [
+        s.layer for s in surgery.walk(model) if isinstance(s.layer, LoraLayer)
+    ]
+
+
+def _records(model):
+    """The configs applied to `model`, by adapter name (kept off-tracker)."""
+    record = getattr(model, "_keras_lora_configs", None)
+    if record is None:
+        record = {}
+        object.__setattr__(model, "_keras_lora_configs", record)
+    return record
+
+
+def applied_configs(model):
+    """`{adapter_name: LoraConfig}` applied to `model` by `apply_lora`."""
+    return dict(_records(model))

@@ -1,0 +1,96 @@
+"""The `keras-lora` command."""
+
+import argparse
+import json
+import platform
+import sys
+
+from keras_lora._version import __version__
+
+
+def backend_info():
+    """Backend, devices and library versions, as a dict."""
+    import keras
+
+    backend = keras.backend.backend()
+    info = {
+        "keras_lora": __version__,
+        "keras": keras.__version__,
+        "backend": backend,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    info["devices"] = _devices(backend)
+    for module in ("jax", "tensorflow", "torch", "keras_hub"):
+        mod = sys.modules.get(module)
+        if mod is None:
+            try:
+                mod = __import__(module)
+            except Exception:  # noqa: BLE001 - any import failure: absent
+                continue
+        info[module] = getattr(mod, "__version__", "unknown")
+    return info
+
+
+def _devices(backend):
+    if backend == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices()]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [d.name for d in tf.config.list_logical_devices()]
+    if backend == "torch":
+        import torch
+
+        devices = ["cpu"]
+        if torch.cuda.is_available():
+            devices += [
+                f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                for i in range(torch.cuda.device_count())
+            ]
+        return devices
+    return []
+
+
+def _cmd_info(args):
+    info = backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "(none)"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-lora",
+        description="LoRA for Keras 3 models (JAX, TensorFlow, PyTorch). "
+        "The backend is chosen by the KERAS_BACKEND environment variable.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"keras-lora {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command")
+    info = sub.add_parser("info", help="show backend, devices and versions")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""`LoraEinsumDense`: a `keras.layers.EinsumDense` with low-rank adapters."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora.equation import factor_equation
+from keras_lora.lora_layer import LoraLayer, split_kwargs
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoraEinsumDense(LoraLayer):
+    """EinsumDense with textbook LoRA on the kernel viewed as a matrix.
+
+    The kernel's axes contracted with the input form the matrix rows and its
+    output axes the columns, so for MultiHeadAttention's query projection
+    `abc,cde->abde` (kernel `(hidden, heads, head_dim)`) the adapter is
+    `A: (hidden, r)` and `B: (r, heads, head_dim)`, and for its output
+    projection `abcd,cde->abe` it is `A: (heads, head_dim, r)`,
+    `B: (r, hidden)`. The unmerged branch is two einsums and never builds
+    `A @ B`. Equations whose kernel shares an axis with both input and
+    output cannot be factored and raise `ValueError`.
+
+    Args:
+        equation: as for `EinsumDense`.
+        output_shape: as for `EinsumDense`.
+        rank, alpha, dropout, use_rslora, a_initializer, b_initializer,
+        adapter_name, bias_trainable: as for `LoraDense`.
+        **kwargs: any other `keras.layers.EinsumDense` argument
+            (`bias_axes`, `activation`, `kernel_initializer`, ...).
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = LoraEinsumDense("abc,cde->abde", (None, 2, 4), rank=2)
+    >>> layer(np.ones((1, 3, 8))).shape
+    (1, 3, 2, 4)
+    >>> [tuple(w.shape) for w in layer.trainable_weights]
+    [(8, 2), (2, 2, 4)]
+    """
+
+    base_class = keras.layers.EinsumDense
+
+    def __init__(
+        self, equation=None, output_shape=None, base_layer=None, **kwargs
+    ):
+        wrapper_kwargs, einsum_kwargs = split_kwargs(kwargs)
+        dtype = einsum_kwargs.pop("dtype", None)
+        if base_layer is None:
+            if equation is None or output_shape is None:
+                raise ValueError(
+                    "LoraEinsumDense needs `equation` and `output_shape` (as "
+                    "for EinsumDense), or use LoraEinsumDense.from_layer()."
+                )
+            name = wrapper_kwargs.get("name")
+            factor_equation(equation, name or "LoraEinsumDense")
+            base_layer = keras.layers.EinsumDense(
+                equation,
+                output_shape,
+                dtype=dtype,
+                name=f"{name}_base" if name else None,
+                **einsum_kwargs,
+            )
+        elif einsum_kwargs:
+            raise TypeError(
+                "LoraEinsumDense: unexpected arguments "
+                f"{sorted(einsum_kwargs)}."
+            )
+        factorization = factor_equation(
+            base_layer.equation, wrapper_kwargs.get("name") or base_layer.name
+        )
+        super().__init__(base_layer, dtype=dtype, **wrapper_kwargs)
+        self.factorization = factorization
+
+    @classmethod
+    def check_factorable(cls, layer):
+        if isinstance(layer, keras.layers.EinsumDense):
+            factor_equation(layer.equation, layer.name)
+
+    @property
+    def equation(self):
+        return self.base_layer.equation
+
+    def _adapter_shapes(self, rank):
+        kernel_shape = tuple(self.base_layer.kernel.shape)
+        return self.factorization.adapter_shapes(kernel_shape, rank)
+
+    def _down(self, x, a):
+        return ops.einsum(self.factorization.down, x, a)  # (..., r)
+
+    def _up(self, hidden, b):
+        return ops.einsum(self.factorization.up, hidden, b)
+
+    def _delta(self, a, b):
+        return ops.einsum(self.factorization.delta, a, b)  # kernel-shaped
+
+    def _kernel_matrix(self, kernel):
+        f = self.factorization
+        letters = f.equation.split(",")[1].split("->")[0]
+        order = [letters.index(c) for c in f.contracted + f.outputs]
+        rows = int(
+            np.prod([kernel.shape[letters.index(c)] for c in f.contracted])
+        )
+        return np.transpose(kernel, order).reshape(rows, -1)

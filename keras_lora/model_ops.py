@@ -1,0 +1,185 @@
+"""Model-level adapter operations: merge, unload, switch, disable, count."""
+
+import contextlib
+
+from keras_lora import surgery
+from keras_lora.apply import _records, apply_lora, lora_layers
+from keras_lora.lora_layer import LoraLayer
+
+
+def _require_lora(model, what):
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{what}: model '{model.name}' has no LoRA layers. Call "
+            "keras_lora.apply_lora(model, config) first."
+        )
+    return layers
+
+
+def merge_adapters(model, adapter_names=None):
+    """Folds the active (or the named) adapters into the base kernels."""
+    for layer in _require_lora(model, "merge_adapters"):
+        names = adapter_names
+        if names is not None:
+            names = [n for n in _as_list(names) if n in layer.adapters]
+        layer.merge(names)
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+def unmerge_adapters(model):
+    """Takes merged adapters back out of the base kernels."""
+    for layer in _require_lora(model, "unmerge_adapters"):
+        layer.unmerge()
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+def merge_and_unload(model):
+    """Merges the active adapters and puts plain Keras layers back.
+
+    Returns `model` (changed in place) with no keras_lora layer in it: it
+    saves and loads with plain Keras, and its outputs equal the adapted
+    model's.
+    """
+    for layer in _require_lora(model, "merge_and_unload"):
+        if not layer.merged:
+            layer.merge()
+    return _unwrap_all(model)
+
+
+def unload(model):
+    """Puts the original layers back and drops every adapter.
+
+    Merged adapters are taken out first, so outputs equal the base model's.
+    """
+    for layer in _require_lora(model, "unload"):
+        layer.unmerge()
+    return _unwrap_all(model)
+
+
+def _unwrap_all(model):
+    for site in [s for s in surgery.walk(model)]:
+        layer = site.layer
+        if not isinstance(layer, LoraLayer):
+            continue
+        base = layer.release_base_layer()
+        surgery.replace(site, base)
+    _records(model).clear()
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """Context manager: the base model's outputs inside, adapted after.
+
+    >>> with keras_lora.disable_adapters(model):
+    ...     base_logits = model(x)
+    """
+    layers = _require_lora(model, "disable_adapters")
+    merged = [layer.name for layer in layers if layer.merged]
+    if merged:
+        raise ValueError(
+            f"disable_adapters: layers {merged} are merged; call "
+            "unmerge_adapters(model) first."
+        )
+    previous = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    surgery.reset_compiled_functions(model)
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous, strict=True):
+            layer.adapters_enabled = enabled
+        surgery.reset_compiled_functions(model)
+
+
+def add_adapter(model, adapter_name, config):
+    """Adds a new named adapter per `config` (not activated)."""
+    previous = {
+        id(layer): layer.active_adapters for layer in lora_layers(model)
+    }
+    apply_lora(model, config, adapter_name=adapter_name)
+    for layer in lora_layers(model):
+        if id(layer) in previous:
+            layer.set_adapter(previous[id(layer)])
+    return model
+
+
+def set_adapter(model, adapter_names):
+    """Activates one adapter, or a list of adapters whose outputs add up.
+
+    Layers that lack a named adapter run the others (or none).
+    """
+    names = _as_list(adapter_names)
+    layers = _require_lora(model, "set_adapter")
+    known = {n for layer in layers for n in layer.adapters}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(
+            f"set_adapter: no layer of model '{model.name}' has adapter "
+            f"{missing[0]!r}. Adapters: {sorted(known)}."
+        )
+    for layer in layers:
+        layer.set_adapter([n for n in names if n in layer.adapters])
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+def delete_adapter(model, adapter_name):
+    """Deletes adapter `adapter_name` from every layer that has it."""
+    layers = [
+        layer
+        for layer in _require_lora(model, "delete_adapter")
+        if adapter_name in layer.adapters
+    ]
+    if not layers:
+        raise ValueError(
+            f"delete_adapter: model '{model.name}' has no adapter "
+            f"{adapter_name!r}."
+        )
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
+    _records(model).pop(adapter_name, None)
+    surgery.reset_compiled_functions(model)
+    return model
+
+
+def list_adapters(model):
+    """Adapter names present in `model`, in first-seen order."""
+    names = {}
+    for layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def count_parameters(model):
+    """`(trainable, total)` parameter counts, each variable counted once."""
+    trainable = sum(_size(w) for w in model.trainable_weights)
+    total = sum(_size(w) for w in model.weights)
+    return trainable, total
+
+
+def print_trainable_parameters(model):
+    """Prints and returns `(trainable, total, percent)`."""
+    trainable, total = count_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {percent:.4f}"
+    )
+    return trainable, total, percent
+
+
+def _size(variable):
+    size = 1
+    for dim in variable.shape:
+        size *= int(dim)
+    return size
+
+
+def _as_list(names):
+    return [names] if isinstance(names, str) else list(names)
