@@ -60,6 +60,12 @@ def summarize(times):
     }
 
 
+def paired_ratio(numerator, denominator):
+    """Median of the element-wise ratios of two equally long time lists."""
+    pairs = zip(numerator, denominator, strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
 def cpu_model():
     """The CPU model name from /proc/cpuinfo (or `platform` as fallback)."""
     try:
@@ -123,16 +129,16 @@ def load_average():
 
 
 class CpuMonitor:
-    """Measures how much CPU other processes used while this one ran.
+    """Measures how much CPU other processes use while this one runs.
 
     Compares the machine-wide busy time from /proc/stat with this
-    process's own CPU time (all threads). `other_share()` is the other
+    process's own CPU time (all its threads). A share is the other
     processes' busy time as a fraction of the machine's capacity (cores x
-    wall time): near 0 on a quiet machine. None where /proc is missing.
+    wall time): near 0 on a quiet machine, None where /proc is missing.
     """
 
     def __init__(self):
-        self._start = self._snapshot()
+        self._start = self._last = self._snapshot()
 
     @staticmethod
     def _snapshot():
@@ -143,18 +149,93 @@ class CpuMonitor:
             return None
         ticks = os.sysconf("SC_CLK_TCK")
         idle = fields[3] + fields[4]  # idle + iowait
-        busy = sum(fields[:8]) - idle  # excludes guest time (in user)
+        busy = sum(fields[:8]) - idle  # guest time is already in user
         return busy / ticks, time.process_time(), time.perf_counter()
 
-    def other_share(self):
-        end = self._snapshot()
-        if self._start is None or end is None:
+    @staticmethod
+    def _share(start, end):
+        if start is None or end is None:
             return None
-        busy = end[0] - self._start[0]
-        own = end[1] - self._start[1]
-        wall = end[2] - self._start[2]
-        capacity = wall * (os.cpu_count() or 1)
-        return max(0.0, (busy - own) / capacity) if capacity else None
+        busy = end[0] - start[0]
+        own = end[1] - start[1]
+        capacity = (end[2] - start[2]) * (os.cpu_count() or 1)
+        return max(0.0, (busy - own) / capacity) if capacity > 0 else None
+
+    def other_share(self):
+        """Other processes' CPU share since this monitor was created."""
+        return self._share(self._start, self._snapshot())
+
+    def lap(self):
+        """Other processes' CPU share since the previous `lap()`."""
+        now = self._snapshot()
+        share = self._share(self._last, now)
+        self._last = now
+        return share
+
+
+def time_interleaved_quiet(
+    fns,
+    warmup=3,
+    repeats=20,
+    min_repeats=None,
+    max_other_share=0.05,
+    block_seconds=0.5,
+    max_seconds=60.0,
+):
+    """Like `time_interleaved`, but keeps only rounds timed on a quiet CPU.
+
+    Rounds run in blocks of about `block_seconds`; a block in which other
+    processes used more than `max_other_share` of the machine's CPU (see
+    `CpuMonitor`) is thrown away. Stops once `repeats` rounds are kept, or
+    after `max_seconds` with at least `min_repeats` (default `repeats`)
+    kept. If even that fails by `3 * max_seconds`, all rounds are used and
+    the result is flagged `contended`. Returns `(times, stats)`.
+    """
+    names = list(fns)
+    min_repeats = repeats if min_repeats is None else min_repeats
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    kept = {name: [] for name in names}
+    every = {name: [] for name in names}
+    stats = {"rounds_discarded": 0, "block_other_shares": []}
+    monitor = CpuMonitor()
+    round_index = 0
+    start = time.perf_counter()
+    while len(kept[names[0]]) < repeats:
+        elapsed = time.perf_counter() - start
+        if elapsed > max_seconds and len(kept[names[0]]) >= min_repeats:
+            break
+        if elapsed > 3 * max_seconds:
+            break
+        block = {name: [] for name in names}
+        monitor.lap()
+        block_start = time.perf_counter()
+        while time.perf_counter() - block_start < block_seconds:
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                fns[name]()
+                block[name].append(time.perf_counter() - t0)
+            round_index += 1
+        share = monitor.lap()
+        stats["block_other_shares"].append(
+            None if share is None else round(share, 3)
+        )
+        for name in names:
+            every[name] += block[name]
+        if share is None or share <= max_other_share:
+            for name in names:
+                kept[name] += block[name]
+        else:
+            stats["rounds_discarded"] += len(block[names[0]])
+    contended = len(kept[names[0]]) < min_repeats
+    times = every if contended else kept
+    times = {name: values[:repeats] for name, values in times.items()}
+    stats["contended"] = contended
+    stats["rounds_kept"] = len(times[names[0]])
+    stats["seconds"] = round(time.perf_counter() - start, 2)
+    return times, stats
 
 
 def write_json(path, data):

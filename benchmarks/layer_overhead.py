@@ -57,8 +57,22 @@ MERGED_TRAIN_NOTE = (
     "n/a: a merged layer cannot be trained (LoraLayer.call(training=True) "
     "raises, since gradients would not reach A and B)"
 )
-FULL = {"warmup": 5, "repeats": 60}
-QUICK = {"warmup": 1, "repeats": 5}
+# Timed rounds are kept only while other processes use at most
+# `max_other_share` of the CPU (see `common.time_interleaved_quiet`).
+FULL = {
+    "warmup": 5,
+    "repeats": 40,
+    "min_repeats": 20,
+    "max_other_share": 0.05,
+    "max_seconds": 90.0,
+}
+QUICK = {
+    "warmup": 1,
+    "repeats": 5,
+    "min_repeats": 5,
+    "max_other_share": 0.05,
+    "max_seconds": 10.0,
+}
 
 
 # -- layers ---------------------------------------------------------------
@@ -264,7 +278,7 @@ def _to_numpy(y):
     return np.asarray(keras.ops.convert_to_numpy(y))
 
 
-def run_case(backend, name, case, warmup, repeats, log=print):
+def run_case(backend, name, case, timing, log=print):
     layers, builtin_shares_adapter = build_variants(case)
     x_value = (
         np.random.default_rng(1)
@@ -309,9 +323,13 @@ def run_case(backend, name, case, warmup, repeats, log=print):
         variants[variant] = info
 
     log(f"[{backend}] {name}: forward, {len(VARIANTS)} variants interleaved")
-    forward_times = common.time_interleaved(forwards, warmup, repeats)
+    forward_times, forward_stats = common.time_interleaved_quiet(
+        forwards, **timing
+    )
+    _log_stats(backend, name, "forward", forward_stats, log)
     log(f"[{backend}] {name}: train step, {len(trains)} variants interleaved")
-    train_times = common.time_interleaved(trains, warmup, repeats)
+    train_times, train_stats = common.time_interleaved_quiet(trains, **timing)
+    _log_stats(backend, name, "train", train_stats, log)
 
     for variant, info in variants.items():
         info["forward"] = common.summarize(forward_times[variant])
@@ -327,16 +345,25 @@ def run_case(backend, name, case, warmup, repeats, log=print):
             info["train"] = None
             info["train_note"] = MERGED_TRAIN_NOTE
 
-    ratios = {}
+    # Main ratios: median over rounds of the per-round ratio. The variants
+    # of a round ran back to back, so slow phases of the machine (which
+    # come and go on shared hosts) cancel out. Ratios of the medians are
+    # kept for reference.
+    ratios, ratios_of_medians = {}, {}
+    step_times = {"forward": forward_times, "train": train_times}
     for step in ("forward", "train"):
-        ratios[step] = {}
+        ratios[step], ratios_of_medians[step] = {}, {}
+        times = step_times[step]
         for label, numerator, denominator in RATIOS:
-            top = variants[numerator][step]
-            bottom = variants[denominator][step]
-            ratios[step][label] = (
-                None
-                if top is None or bottom is None
-                else top["median_ms"] / bottom["median_ms"]
+            if numerator not in times or denominator not in times:
+                ratios[step][label] = ratios_of_medians[step][label] = None
+                continue
+            ratios[step][label] = common.paired_ratio(
+                times[numerator], times[denominator]
+            )
+            ratios_of_medians[step][label] = (
+                variants[numerator][step]["median_ms"]
+                / variants[denominator][step]["median_ms"]
             )
     for variant in VARIANTS:
         train = variants[variant]["train"]
@@ -353,7 +380,20 @@ def run_case(backend, name, case, warmup, repeats, log=print):
         "checks": checks,
         "variants": variants,
         "ratios": ratios,
+        "ratios_of_medians": ratios_of_medians,
+        "timing_stats": {"forward": forward_stats, "train": train_stats},
     }
+
+
+def _log_stats(backend, name, step, stats, log):
+    message = (
+        f"[{backend}] {name}: {step}: kept {stats['rounds_kept']} rounds, "
+        f"discarded {stats['rounds_discarded']} (CPU busy), "
+        f"{stats['seconds']:.0f} s"
+    )
+    if stats["contended"]:
+        message += "; WARNING: machine never quiet, kept all rounds"
+    log(message)
 
 
 def backend_details(backend):
@@ -375,7 +415,7 @@ def backend_details(backend):
     return details
 
 
-def run(cases, warmup, repeats, log=print):
+def run(cases, timing, log=print):
     backend = keras.backend.backend()
     machine = common.machine_info(backend)
     machine.update(backend_details(backend))
@@ -386,8 +426,7 @@ def run(cases, warmup, repeats, log=print):
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
         "settings": {
-            "warmup": warmup,
-            "repeats": repeats,
+            **timing,
             "dtype": "float32",
             "loss": "mean(square(y))",
             "timing": "interleaved rounds, one call per variant per round",
@@ -409,7 +448,7 @@ def run(cases, warmup, repeats, log=print):
     for name in cases:
         log(f"[{backend}] case {name}: {CASES[name]['label']}")
         result["cases"][name] = run_case(
-            backend, name, CASES[name], warmup, repeats, log=log
+            backend, name, CASES[name], timing, log=log
         )
     result["load_average_end"] = common.load_average()
     share = monitor.other_share()
@@ -460,9 +499,14 @@ def render_markdown(results, command):
         "Keras layer), `builtin` (Keras `enable_lora`), `unmerged` "
         "(`keras_lora` `from_layer`), `merged` (`keras_lora` after "
         "`merge()`, B non-zero). Same input and base weights for all "
-        f"variants; float32. Median of {settings['repeats']} timed calls "
-        f"after {settings['warmup']} warm-up call(s), the variants "
-        "interleaved (one call each per round). Forward: jax "
+        "variants; float32. After "
+        f"{settings['warmup']} warm-up call(s) each, the variants are "
+        "timed interleaved (one call each per round, order rotating); "
+        "rounds run in ~0.5 s blocks, and a block in which other "
+        "processes used more than "
+        f"{100 * settings['max_other_share']:.0f}% of the CPU is "
+        f"discarded. Median of {settings['repeats']} kept rounds (at "
+        f"least {settings['min_repeats']}). Forward: jax "
         "`jit(stateless_call)`, tensorflow `tf.function`, torch eager "
         "under `no_grad`. Train step: forward + gradients of "
         "`mean(y**2)` w.r.t. the layer's trainable weights (for `base`: "
@@ -516,7 +560,14 @@ def render_markdown(results, command):
             ],
         )
     )
-    lines += ["## Ratios of medians (same run)", ""]
+    lines += [
+        "## Ratios (same run)",
+        "",
+        "Median over the kept rounds of the per-round time ratio (the "
+        "variants of a round ran back to back); ratios of the medians "
+        "above are in the JSON files as `ratios_of_medians`.",
+        "",
+    ]
     rows = []
     for result in results:
         for name, case in result["cases"].items():
@@ -545,6 +596,7 @@ def render_markdown(results, command):
             grads_ok = all(
                 info.get("grads_ok", True) for info in case["variants"].values()
             )
+            stats = case["timing_stats"]
             rows.append(
                 {
                     "backend": result["backend"],
@@ -557,6 +609,15 @@ def render_markdown(results, command):
                         "max_abs_diff_builtin_vs_unmerged"
                     ),
                     "grads_ok": "yes" if grads_ok else "NO",
+                    "rounds": "/".join(
+                        str(stats[step]["rounds_kept"])
+                        + (" (contended!)" if stats[step]["contended"] else "")
+                        for step in ("forward", "train")
+                    ),
+                    "discarded": "/".join(
+                        str(stats[step]["rounds_discarded"])
+                        for step in ("forward", "train")
+                    ),
                 }
             )
     lines.append(
@@ -569,6 +630,8 @@ def render_markdown(results, command):
                 ("unmerged_vs_base", "max abs diff unmerged vs base"),
                 ("builtin_vs_unmerged", "max abs diff builtin vs unmerged"),
                 ("grads_ok", "all grads finite, non-zero"),
+                ("rounds", "rounds kept fwd/train"),
+                ("discarded", "rounds discarded (CPU busy) fwd/train"),
             ],
         )
     )
@@ -632,11 +695,19 @@ def main(argv=None):
     )
     parser.add_argument("--warmup", type=int, help="Override warm-up calls.")
     parser.add_argument("--repeats", type=int, help="Override timed calls.")
+    parser.add_argument(
+        "--max-other-share",
+        type=float,
+        help="Discard timing blocks in which other processes used more "
+        "than this share of the CPU (default 0.05; 1 keeps all).",
+    )
     args = parser.parse_args(argv)
 
-    defaults = QUICK if args.quick else FULL
-    warmup = defaults["warmup"] if args.warmup is None else args.warmup
-    repeats = defaults["repeats"] if args.repeats is None else args.repeats
+    timing = dict(QUICK if args.quick else FULL)
+    for key in ("warmup", "repeats", "max_other_share"):
+        if getattr(args, key) is not None:
+            timing[key] = getattr(args, key)
+    timing["min_repeats"] = min(timing["min_repeats"], timing["repeats"])
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -645,7 +716,7 @@ def main(argv=None):
     def log(message):
         print(message, flush=True)
 
-    result = run(cases, warmup, repeats, log=log)
+    result = run(cases, timing, log=log)
     result["settings"]["quick"] = bool(args.quick)
     common.write_json(args.out, result)
     share = result["other_processes_cpu_share"]

@@ -1,6 +1,7 @@
 """keras_lora: LoRA for any Keras 3 model, on JAX, TensorFlow and PyTorch."""
 
 from keras_lora._version import __version__
+from keras_lora.adapter_files import load_adapter, read_adapter, save_adapter
 from keras_lora.apply import (
     applied_configs,
     apply_lora,
@@ -12,6 +13,7 @@ from keras_lora.dense import LoraDense
 from keras_lora.einsum_dense import LoraEinsumDense
 from keras_lora.equation import factor_equation
 from keras_lora.lora_layer import AdapterSpec, LoraLayer
+from keras_lora.model_files import load_model, save_merged_model, save_model
 from keras_lora.model_ops import (
     add_adapter,
     count_parameters,
@@ -26,15 +28,12 @@ from keras_lora.model_ops import (
     unmerge_adapters,
 )
 from keras_lora.surgery import replace_sublayer
+from keras_lora.weighted import add_weighted_adapter
 
 __all__ = [
     "AdapterSpec",
-    "LoraConfig",
-    "LoraDense",
-    "LoraEinsumDense",
-    "LoraLayer",
-    "__version__",
     "add_adapter",
+    "add_weighted_adapter",
     "applied_configs",
     "apply_lora",
     "count_parameters",
@@ -43,12 +42,23 @@ __all__ = [
     "factor_equation",
     "find_targets",
     "list_adapters",
+    "load_adapter",
+    "load_model",
     "lora_layers",
+    "LoraConfig",
+    "LoraDense",
+    "LoraEinsumDense",
+    "LoraLayer",
     "merge_adapters",
     "merge_and_unload",
     "print_trainable_parameters",
+    "read_adapter",
     "replace_sublayer",
+    "save_adapter",
+    "save_merged_model",
+    "save_model",
     "set_adapter",
     "unload",
     "unmerge_adapters",
+    "__version__",
 ]

@@ -29,6 +29,19 @@ def untrack_variable(layer, variable):
     layer._untrack_variable(variable)
 
 
+def replace_in_list(parent, container, old, new_layer):
+    """Swaps `old` for `new_layer` in a list attribute of built `parent`."""
+    with unlocked_tracker(parent):
+        index = _tracked_index(parent, old)
+        for i, value in enumerate(container):
+            if value is old:
+                container[i] = new_layer
+        tracker = getattr(parent, "_tracker", None)
+        if tracker is not None:
+            tracker.track(new_layer)
+        _retrack_at(parent, old, new_layer, index)
+
+
 def set_sublayer(parent, attribute, new_layer):
     """Sets `parent.<attribute> = new_layer` on a built `parent`.
 
@@ -37,9 +50,29 @@ def set_sublayer(parent, attribute, new_layer):
     """
     old = getattr(parent, attribute, None)
     with unlocked_tracker(parent):
-        if old is not None and hasattr(parent, "_tracker"):
-            parent._tracker.untrack(old)
+        index = _tracked_index(parent, old)
         setattr(parent, attribute, new_layer)
+        _retrack_at(parent, old, new_layer, index)
+
+
+def _tracked_index(parent, layer):
+    layers = getattr(parent, "_layers", None) or []
+    return next((i for i, v in enumerate(layers) if v is layer), None)
+
+
+def _retrack_at(parent, old, new_layer, index):
+    # Keras saves a subclassed model's `layers` list by position, so the new
+    # layer takes the old one's place in it (not the end).
+    tracker = getattr(parent, "_tracker", None)
+    if tracker is None or old is None:
+        return
+    tracker.untrack(old)
+    layers = parent._layers
+    if index is None:
+        return
+    current = _tracked_index(parent, new_layer)
+    if current is not None and current != index:
+        layers.insert(index, layers.pop(current))
 
 
 def is_functional(model):
@@ -80,8 +113,9 @@ def replace_in_functional(model, old, new):
     layers = getattr(model, "_layers", None)
     if layers is not None and any(layer is old for layer in layers):
         with unlocked_tracker(model):
-            model._tracker.untrack(old)
+            index = _tracked_index(model, old)
             model._tracker.track(new)
+            _retrack_at(model, old, new, index)
 
 
 def rebuild_sequential(model):

@@ -208,11 +208,15 @@ def _adapt(site, config, adapter_name):
 
 def freeze_non_lora(model, config):
     """Freezes every layer that is not LoRA or in `modules_to_save`."""
-    saved = config.modules_to_save or []
+    # Modules saved by any adapter applied so far stay trainable.
+    saved = list(config.modules_to_save or [])
+    for earlier in _records(model).values():
+        saved += [m for m in earlier.modules_to_save or [] if m not in saved]
     for site in surgery.walk(model):
         layer = site.layer
         if isinstance(layer, LoraLayer):
             layer.trainable = True
+            layer.apply_freeze()
             continue
         if saved and _matches(saved, site):
             layer.trainable = True
@@ -231,7 +235,7 @@ def freeze_non_lora(model, config):
                     variable.trainable = variable is bias
         for layer in lora_layers(model):
             layer.bias_trainable = True
-            layer.trainable = True
+            layer.apply_freeze()
 
 
 def _owns_variables(layer):

@@ -78,7 +78,9 @@ class LoraConfig:
             self.layers_to_transform, bool
         ):
             self.layers_to_transform = [self.layers_to_transform]
-        if self.modules_to_save is not None:
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        elif self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         self.validate()
 

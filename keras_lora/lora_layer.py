@@ -10,6 +10,7 @@ into a kernel-shaped delta (`_delta`); naming, scaling, dropout, freezing,
 merge/unmerge and serialization live here, once.
 """
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -206,7 +207,7 @@ class LoraLayer(keras.layers.Layer):
         self._check_known(self._merged)
         self._enabled = True
         if base_layer.built:
-            self._apply_freeze()
+            self.apply_freeze()
 
     # -- construction helpers for subclasses -------------------------------
 
@@ -292,7 +293,14 @@ class LoraLayer(keras.layers.Layer):
             name=name or layer.name,
         )
         input_shape = (layer.get_build_config() or {}).get("input_shape")
-        wrapper.build(input_shape)
+        # Create the adapter variables under the base layer's parent scope,
+        # so their paths read like the kernel's ("model/block/query/...")
+        # and stay unique across a model.
+        scopes = layer.kernel.path.split("/")[:-2]
+        with contextlib.ExitStack() as stack:
+            for scope in scopes:
+                stack.enter_context(keras.name_scope(scope))
+            wrapper.build(input_shape)
         return wrapper
 
     # -- Keras layer API --------------------------------------------------
@@ -302,7 +310,7 @@ class LoraLayer(keras.layers.Layer):
             self.base_layer.build(input_shape)
         for spec in self._specs.values():
             self._create_adapter_variables(spec)
-        self._apply_freeze()
+        self.apply_freeze()
         self.built = True
 
     def call(self, inputs, training=None):
@@ -340,7 +348,7 @@ class LoraLayer(keras.layers.Layer):
         if base is None:
             return
         if self._trainable and base.built:
-            self._apply_freeze()
+            self.apply_freeze()
         elif not self._trainable:
             base.trainable = False
 
@@ -578,7 +586,12 @@ class LoraLayer(keras.layers.Layer):
             trainable=True,
         )
 
-    def _apply_freeze(self):
+    def apply_freeze(self):
+        """Re-applies the freeze: base kernel frozen, bias per setting.
+
+        Setting `trainable` does this too, but on TensorFlow assigning an
+        attribute its current value is skipped, so call this explicitly.
+        """
         base = self.base_layer
         bias = getattr(base, "bias", None)
         if self.bias_trainable and bias is not None and self._trainable:

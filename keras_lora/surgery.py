@@ -106,7 +106,7 @@ def replace(site, new_layer):
             if value is old:
                 internals.set_sublayer(site.parent, attribute, new_layer)
             elif isinstance(value, list) and any(v is old for v in value):
-                _replace_in_list(site.parent, value, old, new_layer)
+                internals.replace_in_list(site.parent, value, old, new_layer)
     elif site.index is None:
         internals.set_sublayer(site.parent, site.attribute, new_layer)
     else:
@@ -116,15 +116,8 @@ def replace(site, new_layer):
                 f"Cannot replace '{site.path}': it is held in a tuple "
                 f"attribute '{site.attribute}'. Use a list."
             )
-        _replace_in_list(site.parent, container, old, new_layer)
+        internals.replace_in_list(site.parent, container, old, new_layer)
     site.layer = new_layer
-
-
-def _replace_in_list(parent, container, old, new_layer):
-    with internals.unlocked_tracker(parent):
-        for i, value in enumerate(container):
-            if value is old:
-                container[i] = new_layer
 
 
 def _replace_in_sequential(model, old, new_layer):
