@@ -240,30 +240,22 @@ def time_interleaved_quiet(
 
 def write_json(path, data):
     """Writes `data` as JSON to `path` atomically (temp file + replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix=".tmp-", suffix=".json", text=True
-    )
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path, text):
-    """Writes `text` to `path` atomically (temp file + replace)."""
+    """Writes `text` to `path` atomically (temp file + replace).
+
+    The temp file lives in the same directory, so `os.replace` is an
+    atomic rename; readers see the old file or the new one, never half.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", text=True)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -515,8 +515,9 @@ def render_markdown(results, command):
         "give the spread of the timed calls.",
         "",
         "Other work on the machine while each backend ran (CPU used by "
-        "other processes, as a share of all cores; load average at start "
-        "-> end): "
+        "other processes, as a share of all cores, over the whole process; "
+        "load average at start -> end) - blocks timed while it was busy "
+        "were discarded, see the Checks table: "
         + "; ".join(
             f"{r['backend']} {_share(r.get('other_processes_cpu_share'))}"
             f" ({_load(r.get('load_average_start'))} -> "
@@ -722,9 +723,20 @@ def main(argv=None):
     share = result["other_processes_cpu_share"]
     if share is not None and share > 0.05:
         log(
-            f"[{result['backend']}] WARNING: other processes used "
-            f"{100 * share:.0f}% of the CPU during the run; timings are "
-            "distorted."
+            f"[{result['backend']}] note: other processes used "
+            f"{100 * share:.0f}% of the CPU during the run; blocks timed "
+            "while it was busy were discarded."
+        )
+    contended = [
+        f"{name} {step}"
+        for name, case in result["cases"].items()
+        for step, stats in case["timing_stats"].items()
+        if stats["contended"]
+    ]
+    if contended:
+        log(
+            f"[{result['backend']}] WARNING: never quiet for "
+            f"{', '.join(contended)}; those timings are distorted."
         )
     log(f"[{result['backend']}] wrote {args.out}")
     return 0
