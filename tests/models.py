@@ -31,17 +31,39 @@ def transformer_block():
     return model, x, None
 
 
-def gpt2():
+# keras-hub's tiny test size: vocabulary 20, 2 layers, hidden 16.
+TINY = dict(
+    vocabulary_size=20,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=8,
+)
+
+
+def gpt2_backbone():
     import keras_hub
 
-    model = keras_hub.models.GPT2Backbone(
-        vocabulary_size=20,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
+    return keras_hub.models.GPT2Backbone(**TINY)
+
+
+def bert_backbone():
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(**TINY)
+
+
+def mha_model():
+    """A functional model around a MultiHeadAttention named `mha`."""
+    inputs = keras.Input((4, 8))
+    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")
+    h = mha(inputs, inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+
+
+def gpt2():
+    model = gpt2_backbone()
     x = {
         "token_ids": np.random.randint(0, 20, (2, 8)),
         "padding_mask": np.ones((2, 8), "int32"),
@@ -50,16 +72,7 @@ def gpt2():
 
 
 def bert():
-    import keras_hub
-
-    model = keras_hub.models.BertBackbone(
-        vocabulary_size=20,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
+    model = bert_backbone()
     x = {
         "token_ids": np.random.randint(0, 20, (2, 8)),
         "segment_ids": np.zeros((2, 8), "int32"),

@@ -19,6 +19,7 @@ from keras_lora.adapter_files import (
     save_adapter,
 )
 from tests.conftest import BACKEND, to_numpy
+from tests.models import bert_backbone, gpt2_backbone, mha_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,39 +54,6 @@ def _functional_mlp():
     h = keras.layers.Dense(8, activation="relu", name="fc1")(inputs)
     h = keras.layers.Dense(8, name="fc2")(h)
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
-
-
-def _mha_model():
-    inputs = keras.Input((4, 8))
-    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")
-    h = mha(inputs, inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
-
-
-def _gpt2():
-    import keras_hub
-
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=20,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
-
-
-def _bert():
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=20,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
 
 
 def _token_inputs(segments=False):
@@ -235,7 +203,7 @@ def test_file_layout(saved_mlp):
 
 
 def test_mha_round_trip_and_keys(tmp_path):
-    model, fresh = _pair(_mha_model)
+    model, fresh = _pair(mha_model)
     kl.apply_lora(model, kl.LoraConfig(rank=2, alpha=4))
     _train(model)
     x = np.random.default_rng(1).random((2, 4, 8)).astype("float32")
@@ -256,7 +224,7 @@ def test_mha_round_trip_and_keys(tmp_path):
 
 @pytest.mark.parametrize("backbone", ["gpt2", "bert"])
 def test_keras_hub_backbone_round_trip(tmp_path, backbone):
-    make = _gpt2 if backbone == "gpt2" else _bert
+    make = gpt2_backbone if backbone == "gpt2" else bert_backbone
     model, fresh = _pair(make)
     kl.apply_lora(model, kl.LoraConfig(rank=2))
     _train(model)
@@ -661,9 +629,9 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import keras
     from keras_lora.adapter_files import load_adapter
-    from tests.test_adapter_files import _mha_model
+    from tests.models import mha_model
     data = np.load(sys.argv[2] + "/base.npz")
-    model = _mha_model()
+    model = mha_model()
     model.set_weights([data[f"w{i}"] for i in range(len(data.files) - 1)])
     load_adapter(model, sys.argv[2] + "/adapter")
     out = keras.ops.convert_to_numpy(model(data["x"]))
@@ -673,7 +641,7 @@ _CHILD = textwrap.dedent(
 
 
 def test_adapter_loads_under_another_backend(tmp_path):
-    model = _mha_model()
+    model = mha_model()
     base = model.get_weights()
     kl.apply_lora(
         model, kl.LoraConfig(rank=2, alpha=3, target_modules="all-linear")

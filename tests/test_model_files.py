@@ -14,26 +14,7 @@ from keras_lora.model_files import (
     save_model,
 )
 from tests.conftest import to_numpy
-
-
-def _mha_model():
-    inputs = keras.Input((4, 8))
-    mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")
-    h = mha(inputs, inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
-
-
-def _gpt2():
-    import keras_hub
-
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=20,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=8,
-    )
+from tests.models import gpt2_backbone, mha_model
 
 
 def _randomise_b(model, seed=0):
@@ -59,7 +40,7 @@ def _weights(model):
 
 @pytest.mark.filterwarnings("ignore:Skipping variable loading")
 def test_mha_model_round_trip_and_training_resumes(tmp_path):
-    model = _mha_model()
+    model = mha_model()
     kl.apply_lora(model, kl.LoraConfig(rank=2, alpha=4))
     _randomise_b(model)
     rng = np.random.default_rng(1)
@@ -103,7 +84,7 @@ def test_mha_model_round_trip_and_training_resumes(tmp_path):
 
 
 def test_gpt2_round_trip_with_merged_and_extra_adapters(tmp_path):
-    model = _gpt2()
+    model = gpt2_backbone()
     kl.apply_lora(model, kl.LoraConfig(rank=2))
     layers = kl.lora_layers(model)
     layers[1].add_adapter("second", rank=1)
@@ -175,7 +156,7 @@ def test_model_without_lora(tmp_path):
 
 
 def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
-    model = _mha_model()
+    model = mha_model()
     kl.apply_lora(model, kl.LoraConfig(rank=2))
     x = np.ones((1, 4, 8), "float32")
     expected = _outputs(model, x)
@@ -197,7 +178,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_bad_path(tmp_path):
     with pytest.raises(ValueError, match=".keras"):
-        save_model(_mha_model(), tmp_path / "m.h5")
+        save_model(mha_model(), tmp_path / "m.h5")
     with pytest.raises(FileNotFoundError, match="no file"):
         load_model(tmp_path / "missing.keras")
 
@@ -253,7 +234,7 @@ def test_mixed_model_with_lora_layers_in_graph(tmp_path):
 
 
 def test_save_merged_model_is_plain_keras(tmp_path):
-    model = _mha_model()
+    model = mha_model()
     kl.apply_lora(model, kl.LoraConfig(rank=2))
     _randomise_b(model)
     x = np.random.default_rng(0).random((2, 4, 8)).astype("float32")
