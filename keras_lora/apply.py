@@ -22,7 +22,7 @@ _DEFAULT_ATTRIBUTES = ("_query_dense", "_value_dense")
 def lora_class_for(layer):
     """The LoRA class for `layer`'s type, or None if unsupported."""
     for base_class, lora_class in LORA_CLASSES.items():
-        if type(layer) is base_class or isinstance(layer, base_class):
+        if isinstance(layer, base_class):
             return lora_class
     return None
 

@@ -62,11 +62,7 @@ def save_model(model, path):
     Returns:
         The file's path.
     """
-    path = os.path.abspath(os.fspath(path))
-    if not path.endswith(".keras"):
-        raise ValueError(
-            f"save_model: the path must end in '.keras', got '{path}'."
-        )
+    path = _keras_path(path, "save_model")
     record = lora_record(model)
 
     def write(final, scratch):
@@ -98,11 +94,7 @@ def save_merged_model(model, path, custom_objects=None):
     """
     from keras_lora.model_ops import merge_and_unload
 
-    path = os.path.abspath(os.fspath(path))
-    if not path.endswith(".keras"):
-        raise ValueError(
-            f"save_merged_model: the path must end in '.keras', got '{path}'."
-        )
+    path = _keras_path(path, "save_merged_model")
 
     def write(final, scratch):
         source = scratch()
@@ -117,6 +109,15 @@ def save_merged_model(model, path, custom_objects=None):
         copy.save(final)
 
     return atomic_write_file(path, write, suffix=".keras")
+
+
+def _keras_path(path, caller):
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(".keras"):
+        raise ValueError(
+            f"{caller}: the path must end in '.keras', got '{path}'."
+        )
+    return path
 
 
 def _lora_layers(model):

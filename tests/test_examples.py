@@ -5,8 +5,6 @@ import json
 import pathlib
 import sys
 
-import pytest
-
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -25,7 +23,6 @@ def _load_example(name):
 
 
 def test_digits_lora_quick(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     example = _load_example("digits_lora")
     out_path = tmp_path / "r.json"
     results = example.main(["--quick", "--json", str(out_path)])

@@ -251,3 +251,11 @@ def test_save_merged_model_is_plain_keras(tmp_path):
     # The model itself is untouched.
     assert len(kl.lora_layers(model)) == 2
     assert not any(layer.merged for layer in kl.lora_layers(model))
+
+
+def test_paths_must_end_in_keras(tmp_path):
+    model = mha_model()
+    for save in (kl.save_model, kl.save_merged_model):
+        with pytest.raises(ValueError, match="the path must end in '.keras'"):
+            save(model, tmp_path / "model.h5")
+    assert not list(tmp_path.iterdir())
