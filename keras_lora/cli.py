@@ -1,6 +1,8 @@
 """The `keras-lora` command."""
 
 import argparse
+import importlib
+import importlib.util
 import json
 import platform
 import sys
@@ -67,6 +69,15 @@ def _cmd_info(args):
     return 0
 
 
+# Modules that add a subcommand: each has `register(subparsers)`, which adds
+# its parser and sets `func` (called with the parsed args, returns an exit
+# status). Imports inside `register`'s handlers keep `--help` fast.
+COMMAND_MODULES = (
+    "keras_lora.comparison.command",
+    "keras_lora.serving.command",
+)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-lora",
@@ -80,6 +91,11 @@ def build_parser():
     info = sub.add_parser("info", help="show backend, devices and versions")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+    for name in COMMAND_MODULES:
+        # TODO(integration): drop this guard once both modules exist.
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
+            continue
+        importlib.import_module(name).register(sub)
     return parser
 
 
