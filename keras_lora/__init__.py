@@ -1,5 +1,6 @@
 """keras_lora: LoRA for any Keras 3 model, on JAX, TensorFlow and PyTorch."""
 
+from keras_lora import callbacks
 from keras_lora._version import __version__
 from keras_lora.adapter_files import load_adapter, read_adapter, save_adapter
 from keras_lora.apply import (
@@ -36,6 +37,7 @@ __all__ = [
     "add_weighted_adapter",
     "applied_configs",
     "apply_lora",
+    "callbacks",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
