@@ -13,6 +13,7 @@ from keras_lora.config import LoraConfig
 from keras_lora.dense import LoraDense
 from keras_lora.einsum_dense import LoraEinsumDense
 from keras_lora.equation import factor_equation
+from keras_lora.interop import export_peft, import_peft
 from keras_lora.lora_layer import AdapterSpec, LoraLayer
 from keras_lora.model_files import load_model, save_merged_model, save_model
 from keras_lora.model_ops import (
@@ -41,8 +42,10 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "export_peft",
     "factor_equation",
     "find_targets",
+    "import_peft",
     "list_adapters",
     "load_adapter",
     "load_model",

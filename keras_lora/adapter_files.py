@@ -73,7 +73,7 @@ from keras_lora.lora_layer import LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 # -- saving -------------------------------------------------------------------
@@ -320,13 +320,13 @@ def load_adapter(model, directory, adapter_name=None, is_trainable=True):
     directory = os.path.abspath(os.fspath(directory))
     meta, tensors = read_adapter(directory)
     name = meta["adapter_name"] if adapter_name is None else adapter_name
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
         raise ValueError(
             f"load_adapter: invalid adapter name {name!r}. Use letters, "
             "digits, '_' or '-' only."
         )
     plan = plan_load(model, meta, tensors, name, directory)
-    _execute(model, plan, name, is_trainable)
+    execute_load_plan(model, plan, name, is_trainable)
     return model
 
 
@@ -390,8 +390,11 @@ def read_adapter(directory):
     return meta, tensors
 
 
-def _execute(model, plan, name, is_trainable):
-    """Applies a checked plan; undoes what it did if anything fails."""
+def execute_load_plan(model, plan, name, is_trainable):
+    """Applies a plan checked by `plan_load`; undoes it all if anything fails.
+
+    Shared by `load_adapter` and `import_peft`.
+    """
     lora_before = [
         s.layer for s in surgery.walk(model) if isinstance(s.layer, LoraLayer)
     ]

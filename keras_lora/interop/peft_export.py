@@ -1,0 +1,285 @@
+"""`export_peft`: a keras_lora adapter as a PEFT adapter directory.
+
+Every keras-hub layer's adapter becomes the adapter of the HF module that
+computes the same thing (see `architecture.py` for the correspondence),
+exactly (outputs agree to float32 rounding):
+
+- Transposes and reshapes: keras `A (contracted..., r)` is PEFT's
+  `lora_A.weight (r, in)` transposed, and keras `B (r, outputs...)` is
+  `lora_B.weight (out, r)` transposed, axes flattened row-major.
+- Fused modules (GPT-2's `c_attn` = query | key | value): the parts' A
+  blocks are stacked (rank `r_q + r_k + r_v`; parts with identical A, as
+  after `import_peft`, share one block) and B is block-structured, zero
+  where a part has no adapter. If the parts' scales differ, B absorbs
+  `s_part / s_module`, since PEFT has one scale per module.
+- Per-module ranks and alphas go to `rank_pattern`/`alpha_pattern` (exact
+  module paths); rsLoRA is kept when every layer uses it, otherwise the
+  alphas carry the scale.
+"""
+
+import collections
+import math
+import os
+import re
+import warnings
+
+import keras
+import numpy as np
+
+from keras_lora import _version
+from keras_lora.apply import applied_configs
+from keras_lora.interop import peft_format
+from keras_lora.interop.architecture import hf_prefix, resolve
+from keras_lora.lora_layer import LoraLayer
+
+_AUTO = "auto"
+
+
+def export_peft(
+    model,
+    directory,
+    adapter_name="default",
+    base_model_name_or_path=None,
+    task_type=_AUTO,
+):
+    """Writes adapter `adapter_name` of a keras-hub model as a PEFT adapter.
+
+    The directory (`adapter_config.json` + `adapter_model.safetensors`)
+    loads with `peft.PeftModel.from_pretrained(hf_model, directory)` on the
+    Hugging Face model with the same weights, and gives the same outputs.
+    The write is atomic.
+
+    Args:
+        model: a keras-hub `GPT2Backbone`, `GPT2CausalLM`, `LlamaBackbone`
+            or `LlamaCausalLM` (subclasses too) holding the adapter.
+        directory: where to write.
+        adapter_name: the keras_lora adapter to export.
+        base_model_name_or_path: recorded in the config (the HF model id or
+            directory PEFT should load the base model from).
+        task_type: PEFT's task type. `"auto"`: `"CAUSAL_LM"` for a causal
+            LM (keys for `GPT2LMHeadModel`/`LlamaForCausalLM`), `None` for
+            a backbone (keys for `GPT2Model`/`LlamaModel`).
+
+    Returns:
+        The directory's absolute path.
+
+    Raises:
+        ValueError: the model is not a supported architecture, has no such
+            adapter, or the adapter has what PEFT cannot hold here: a layer
+            with no HF counterpart, trained biases, `modules_to_save`, or a
+            PiSSA initialisation.
+
+    Example:
+
+    >>> kl.apply_lora(gpt2_lm, kl.LoraConfig(rank=4))    # doctest: +SKIP
+    >>> kl.export_peft(gpt2_lm, "peft_adapter")          # doctest: +SKIP
+    >>> PeftModel.from_pretrained(hf_gpt2, "peft_adapter")  # doctest: +SKIP
+    """
+    where = "export_peft"
+    layout = resolve(model, where)
+    if task_type == _AUTO:
+        task_type = "CAUSAL_LM" if layout.kind == "causal_lm" else None
+    if task_type not in (None, "CAUSAL_LM"):
+        raise ValueError(
+            f"{where}: task_type must be 'auto', 'CAUSAL_LM' or None, got "
+            f"{task_type!r}."
+        )
+    adapted = _adapted_layers(model, layout, adapter_name, where)
+    use_rslora = all(spec.use_rslora for _, spec in adapted.values())
+    modules = {}
+    for name, slot in layout.slots.items():
+        parts = [adapted.get(site.path) for site in slot.sites]
+        if any(parts):
+            modules[name] = _fuse(slot, parts, use_rslora)
+    dropouts = sorted({spec.dropout for _, spec in adapted.values()})
+    if len(dropouts) > 1:
+        warnings.warn(
+            f"{where}: the layers of adapter {adapter_name!r} use dropouts "
+            f"{dropouts}; PEFT has one lora_dropout, set to {dropouts[-1]} "
+            "(outputs are unaffected; training would differ).",
+            stacklevel=2,
+        )
+    config = _peft_config(layout, modules, use_rslora, dropouts[-1], task_type)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    prefix = peft_format.KEY_PREFIX + hf_prefix(layout, task_type)
+    tensors = {}
+    for name, (a, b, _, _) in modules.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = a
+        tensors[f"{prefix}{name}.lora_B.weight"] = b
+    metadata = {
+        "format": "pt",
+        "exported_by": f"keras_lora {_version.__version__}",
+        "keras_lora_adapter_name": adapter_name,
+    }
+    directory = os.path.abspath(os.fspath(directory))
+    return peft_format.write(directory, config, tensors, metadata)
+
+
+def _adapted_layers(model, layout, adapter_name, where):
+    """`{path: (layer, spec)}` of the adapter; raises if PEFT can't hold it."""
+    holders = [
+        s
+        for s in layout.sites
+        if isinstance(s.layer, LoraLayer) and adapter_name in s.layer.adapters
+    ]
+    if not holders:
+        raise ValueError(
+            f"{where}: model '{model.name}' has no adapter named "
+            f"{adapter_name!r}. Apply one with keras_lora.apply_lora(model, "
+            "config, adapter_name=...)."
+        )
+    mappable = set(layout.keras_paths())
+    arch = layout.architecture
+    for site in holders:
+        if site.path not in mappable:
+            raise ValueError(
+                f"{where}: layer '{site.path}' holds adapter "
+                f"{adapter_name!r} but has no counterpart in Hugging Face "
+                f"{arch.name} (PEFT can adapt {[m.name for m in arch.modules]}"
+                " in each block). Fix: apply the adapter without that layer "
+                "(LoraConfig(exclude_modules=[...])), or delete it there."
+            )
+    config = applied_configs(model).get(adapter_name)
+    if config is not None and config.init == "pissa":
+        raise ValueError(
+            f"{where}: adapter {adapter_name!r} was PiSSA-initialised, which "
+            "moves part of the weights out of the base kernel; PEFT's "
+            "base model would lack it. Fix: export a merged model instead "
+            "(keras_lora.save_merged_model)."
+        )
+    if config is not None and config.modules_to_save:
+        raise ValueError(
+            f"{where}: adapter {adapter_name!r} saves whole modules "
+            f"(modules_to_save={config.modules_to_save}), which export_peft "
+            "does not map to HF modules. Fix: train without "
+            "modules_to_save, or save them with keras_lora.save_adapter."
+        )
+    trained_bias = [s.path for s in holders if s.layer.bias_trainable]
+    if (config is not None and config.bias != "none") or trained_bias:
+        raise ValueError(
+            f"{where}: adapter {adapter_name!r} trains biases "
+            f"({trained_bias or 'bias=' + repr(config.bias)}); export_peft "
+            "writes bias='none' adapters only. Fix: train with "
+            "LoraConfig(bias='none'), or save with keras_lora.save_adapter."
+        )
+    result = {}
+    for site in holders:
+        result[site.path] = (site.layer, site.layer.adapter_spec(adapter_name))
+    return result
+
+
+def _fuse(slot, parts, use_rslora):
+    """`(A, B, rank, alpha)` in PEFT layout for one HF module.
+
+    `parts[i]` is `(layer, spec)` for an adapted part, else None.
+    """
+    scales = [spec.scale for _, spec in filter(None, parts)]
+    common = scales[0] if len(set(scales)) == 1 else 1.0
+    blocks = []  # distinct A blocks, (in, r) each
+    columns = []  # per part: the (start, stop) of its A block, or None
+    bs = []
+    for part in parts:
+        if part is None:
+            columns.append(None)
+            bs.append(None)
+            continue
+        layer, spec = part
+        a_var, b_var = layer.lora_weights(spec.name)
+        a = _numpy(a_var).reshape(-1, spec.rank)  # (in, r)
+        b = _numpy(b_var).reshape(spec.rank, -1)  # (r, out)
+        start = 0
+        for block in blocks:
+            if block.shape == a.shape and np.array_equal(block, a):
+                break
+            start += block.shape[1]
+        else:
+            blocks.append(a)
+        columns.append((start, start + spec.rank))
+        bs.append(b * np.float32(spec.scale / common))
+    rank = sum(block.shape[1] for block in blocks)
+    lora_a = np.concatenate([block.T for block in blocks], axis=0)
+    lora_b = np.zeros((sum(slot.out_dims), rank), "float32")
+    row = 0
+    for out, cols, b in zip(slot.out_dims, columns, bs, strict=True):
+        if b is not None:
+            lora_b[row : row + out, cols[0] : cols[1]] += b.T
+        row += out
+    specs = [spec for _, spec in filter(None, parts)]
+    spec = specs[0]
+    same = {(s.rank, s.alpha, s.use_rslora) for s in specs} == {
+        (spec.rank, spec.alpha, use_rslora)
+    }
+    if same and rank == spec.rank:
+        # One adapter (or copies sharing A): keep its own alpha.
+        alpha = spec.alpha
+    else:
+        alpha = common * (math.sqrt(rank) if use_rslora else rank)
+    return lora_a, lora_b, rank, _tidy(alpha)
+
+
+def _peft_config(layout, modules, use_rslora, dropout, task_type):
+    arch = layout.architecture
+    ranks = collections.Counter(rank for _, _, rank, _ in modules.values())
+    alphas = collections.Counter(alpha for _, _, _, alpha in modules.values())
+    r = ranks.most_common(1)[0][0]
+    lora_alpha = alphas.most_common(1)[0][0]
+    blocks = collections.defaultdict(set)
+    for name in modules:
+        slot = layout.slots[name]
+        blocks[slot.hf.name].add(slot.block)
+    block_sets = {frozenset(b) for b in blocks.values()}
+    layers_to_transform = layers_pattern = None
+    if len(block_sets) == 1:
+        # The same modules in every adapted block: PEFT's compact form.
+        target_modules = sorted(blocks)
+        chosen = sorted(next(iter(block_sets)))
+        if len(chosen) != layout.num_blocks:
+            layers_to_transform = chosen
+            layers_pattern = arch.layers_pattern
+    else:
+        target_modules = sorted(modules)
+    auto_mapping = None
+    if task_type is None:
+        cls, library = arch.hf_backbone
+        auto_mapping = {"base_model_class": cls, "parent_library": library}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "auto_mapping": auto_mapping,
+        "revision": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "exclude_modules": None,
+        "layers_to_transform": layers_to_transform,
+        "layers_pattern": layers_pattern,
+        "rank_pattern": {
+            re.escape(name): rank
+            for name, (_, _, rank, _) in modules.items()
+            if rank != r
+        },
+        "alpha_pattern": {
+            re.escape(name): alpha
+            for name, (_, _, _, alpha) in modules.items()
+            if alpha != lora_alpha
+        },
+        "fan_in_fan_out": arch.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable), dtype="float32")
+
+
+def _tidy(alpha):
+    """An integral float as an int, so JSON reads like PEFT's own."""
+    if isinstance(alpha, float) and alpha.is_integer():
+        return int(alpha)
+    return alpha

@@ -1,0 +1,173 @@
+"""`import_peft`: a PEFT LoRA adapter into a keras-hub model.
+
+The PEFT tensors are rearranged into keras_lora's own adapter layout (one
+A/B pair per keras-hub layer; a fused module's A is copied to each part
+and its B split by output rows), then checked and loaded by the same code
+as `keras_lora.load_adapter`, so a failed import changes nothing.
+"""
+
+import os
+
+import numpy as np
+
+from keras_lora.adapter_files import ADAPTER_NAME, execute_load_plan
+from keras_lora.adapter_loading import plan_load
+from keras_lora.adapter_paths import (
+    base_kind,
+    expected_shapes,
+    kernel_shape_of,
+)
+from keras_lora.apply import applied_configs
+from keras_lora.interop import peft_format
+from keras_lora.interop.architecture import resolve
+from keras_lora.lora_layer import LoraLayer
+
+
+def import_peft(model, directory, adapter_name="default", is_trainable=True):
+    """Loads a PEFT LoRA adapter into a keras-hub model, in place.
+
+    The adapter must have been trained on the Hugging Face model whose
+    weights the keras-hub model holds (same architecture and sizes). Each
+    PEFT module's adapter goes to the keras-hub layers computing the same
+    thing; a fused module (GPT-2's `c_attn`) gives query, key and value
+    each a LoRA adapter of the module's rank with a copy of its A and their
+    rows of its B. Outputs then match PEFT's to float32 rounding.
+
+    Everything is checked before the model changes: a failed import leaves
+    it as it was. Like `load_adapter`, the new adapter becomes active only
+    in a model that had no adapters (`keras_lora.set_adapter` otherwise).
+
+    Args:
+        model: a keras-hub `GPT2Backbone`, `GPT2CausalLM`, `LlamaBackbone`
+            or `LlamaCausalLM` (subclasses too).
+        directory: a PEFT adapter directory (`PeftModel.save_pretrained`).
+        adapter_name: the keras_lora adapter name to load it under.
+        is_trainable: if False, the adapter's variables are frozen.
+
+    Returns:
+        `model`.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the model is not a supported architecture; the adapter
+            is not plain LoRA (DoRA and other PEFT variants, trained
+            biases, `modules_to_save`, pickled weights); a module has no
+            keras-hub counterpart; shapes do not fit the model; the name
+            is taken.
+    """
+    where = f"import_peft('{directory}')"
+    if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(
+        adapter_name
+    ):
+        raise ValueError(
+            f"{where}: invalid adapter name {adapter_name!r}. Use letters, "
+            "digits, '_' or '-' only."
+        )
+    layout = resolve(model, where)
+    taken = set(applied_configs(model))
+    for site in layout.sites:
+        if isinstance(site.layer, LoraLayer):
+            taken.update(site.layer.adapters)
+    if adapter_name in taken:
+        raise ValueError(
+            f"{where}: model '{model.name}' already has an adapter named "
+            f"{adapter_name!r}. Pass another name, e.g. import_peft(model, "
+            f"directory, adapter_name='{adapter_name}_2'), or delete it "
+            "first (keras_lora.delete_adapter)."
+        )
+    directory = os.path.abspath(os.fspath(directory))
+    config, tensors = peft_format.read(directory, where)
+    pairs = peft_format.group_by_module(tensors, where)
+    layers, kl_tensors = {}, {}
+    for full_name, (a, b) in pairs.items():
+        slot = _slot_for(layout, full_name, where)
+        for path, spec, part_a, part_b in _split(
+            slot, full_name, a, b, config, where
+        ):
+            layers[path] = spec
+            kl_tensors[f"{path}.lora_a"] = part_a
+            kl_tensors[f"{path}.lora_b"] = part_b
+    meta = {
+        "layers": layers,
+        "modules_to_save": [],
+        "weights": {},
+        "base_model": {},
+        "config": {"bias": "none"},
+    }
+    # The checks and the all-or-nothing load of keras_lora's own adapter
+    # files apply unchanged once the tensors are in keras_lora's layout.
+    plan = plan_load(model, meta, kl_tensors, adapter_name, directory)
+    execute_load_plan(model, plan, adapter_name, is_trainable)
+    return model
+
+
+def _slot_for(layout, full_name, where):
+    arch = layout.architecture
+    prefixes = ("", arch.hf_causal_lm_prefix)
+    for prefix in prefixes:
+        if prefix and not full_name.startswith(prefix):
+            continue
+        slot = layout.slots.get(full_name[len(prefix) :])
+        if slot is not None:
+            return slot
+    raise ValueError(
+        f"{where}: the adapter adapts HF module '{full_name}', which has no "
+        f"keras-hub counterpart in this {arch.name} model (keras_lora maps "
+        f"{[m.name for m in arch.modules]} of blocks 0-"
+        f"{layout.num_blocks - 1}). Fix: train the PEFT adapter without "
+        "that module in target_modules, or merge it in PEFT and convert "
+        "the merged model."
+    )
+
+
+def _split(slot, full_name, a, b, config, where):
+    """Yields `(path, spec, A, B)` per keras layer of one PEFT module."""
+    rank = a.shape[0] if a.ndim == 2 else None
+    out = sum(slot.out_dims)
+    if (
+        rank is None
+        or a.shape != (rank, slot.in_dim)
+        or b.shape
+        != (
+            out,
+            rank,
+        )
+    ):
+        raise ValueError(
+            f"{where}: module '{full_name}' has lora_A {tuple(a.shape)} and "
+            f"lora_B {tuple(b.shape)}, but this model expects (r, "
+            f"{slot.in_dim}) and ({out}, r). The adapter belongs to a "
+            "different base model (other sizes)."
+        )
+    want = peft_format.pattern_value(
+        config.get("rank_pattern"), full_name, config["r"]
+    )
+    if want != rank:
+        raise ValueError(
+            f"{where}: module '{full_name}' has rank {rank} in the weights, "
+            f"but {want} by the config (r / rank_pattern). The files are "
+            "inconsistent."
+        )
+    alpha = peft_format.pattern_value(
+        config.get("alpha_pattern"), full_name, config["lora_alpha"]
+    )
+    row = 0
+    for site, width in zip(slot.sites, slot.out_dims, strict=True):
+        layer = site.layer
+        base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+        a_shape, b_shape = expected_shapes(layer, rank)
+        part_a = np.ascontiguousarray(a.T.reshape(a_shape))
+        part_b = np.ascontiguousarray(b[row : row + width].T.reshape(b_shape))
+        row += width
+        spec = {
+            "rank": int(rank),
+            "alpha": alpha,
+            "dropout": config.get("lora_dropout", 0.0),
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "kernel_shape": list(kernel_shape_of(base)),
+            "lora_a_shape": list(a_shape),
+            "lora_b_shape": list(b_shape),
+            "base_class": base_kind(base),
+            "equation": getattr(base, "equation", None),
+        }
+        yield site.path, spec, part_a, part_b
