@@ -3,7 +3,9 @@
 Keras locks a layer's variable tracker once the layer is built, and offers
 no public way to add or drop a variable afterwards. Named adapters need both
 (`add_adapter` on a built layer, `delete_adapter`), exactly as Keras's own
-`enable_lora` does internally, so these two helpers reach into the tracker.
+`enable_lora` does internally, and routed layers must track a routing
+variable shared by the model (`track_variable`), so these helpers reach
+into the tracker.
 Nothing else in the package uses private Keras API.
 """
 
@@ -27,6 +29,21 @@ def unlocked_tracker(layer):
 def untrack_variable(layer, variable):
     """Removes `variable` from `layer`'s state (and torch's parameters)."""
     layer._untrack_variable(variable)
+
+
+def track_variable(layer, variable):
+    """Makes built `layer` track an existing `variable` it did not create.
+
+    Routed LoRA layers all read one routing-ids variable per model; each
+    must track it so that compiled functions which take a model's variables
+    as arguments (JAX `stateless_call`, keras-hub's jitted `generate`) pass
+    its current value instead of baking it in. Keras has no public API to
+    track a variable a layer did not create.
+    """
+    if any(v is variable for v in layer.variables):
+        return
+    with unlocked_tracker(layer):
+        layer._track_variable(variable)
 
 
 def replace_in_list(parent, container, old, new_layer):

@@ -94,6 +94,9 @@ class LoraEinsumDense(LoraLayer):
     def _delta(self, a, b):
         return ops.einsum(self.factorization.delta, a, b)  # kernel-shaped
 
+    def _routing_equations(self):
+        return self.factorization.down, self.factorization.up
+
     def _kernel_matrix(self, kernel):
         f = self.factorization
         letters = f.equation.split(",")[1].split("->")[0]

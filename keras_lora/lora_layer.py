@@ -7,7 +7,9 @@ low-rank adapters to it:
 
 Subclasses say only how to project (`_down`, `_up`) and how to turn `A, B`
 into a kernel-shaped delta (`_delta`); naming, scaling, dropout, freezing,
-merge/unmerge and serialization live here, once.
+merge/unmerge and serialization live here, once. Per-example routing (a
+different adapter per batch row) lives in `keras_lora.routing`; this class
+only calls its branch when slots are attached.
 """
 
 import contextlib
@@ -206,6 +208,9 @@ class LoraLayer(keras.layers.Layer):
         self._merged = list(merged_adapters or [])
         self._check_known(self._merged)
         self._enabled = True
+        # Routed adapter slots (`keras_lora.routing.attach`); runtime state,
+        # neither saved nor part of the config.
+        self._slot_weights = None
         if base_layer.built:
             self.apply_freeze()
 
@@ -327,6 +332,8 @@ class LoraLayer(keras.layers.Layer):
             for name in self._active:
                 if name not in self._merged:
                     outputs = outputs + self._branch(name, inputs, training)
+            if self._slot_weights is not None:
+                outputs = outputs + self._slot_weights.branch(inputs)
         return self.activation(outputs)
 
     def compute_output_shape(self, input_shape):
@@ -652,6 +659,14 @@ class LoraLayer(keras.layers.Layer):
     def _kernel_matrix(self, kernel):
         """The kernel as a `(contracted, outputs)` numpy matrix."""
         raise NotImplementedError
+
+    def _routing_equations(self):
+        """`(down, up)` einsums of `_down`/`_up`, for routed slots.
+
+        The default fits a matrix kernel (Dense); `keras_lora.routing` adds
+        the batch axis to A and B.
+        """
+        return "...i,ir->...r", "...r,ro->...o"
 
 
 # Arguments that configure the LoRA wrapper itself; a drop-in constructor

@@ -153,11 +153,13 @@ def replace_sublayer(parent, attribute, new_layer):
 
 
 def reset_compiled_functions(model):
-    """Drops a model's cached predict/train/test functions.
+    """Drops a model's cached predict/train/test/generate functions.
 
     They capture Python-side layer state (merged, enabled, active adapters)
-    when traced, so they must be rebuilt after surgery.
+    when traced, so they must be rebuilt after surgery. `generate_function`
+    is keras-hub's compiled `CausalLM.generate`.
     """
-    for name in ("train_function", "test_function", "predict_function"):
+    names = ("train_function", "test_function", "predict_function")
+    for name in names + ("generate_function",):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)
