@@ -2,7 +2,6 @@
 
 import argparse
 import importlib
-import importlib.util
 import json
 import platform
 import sys
@@ -92,9 +91,6 @@ def build_parser():
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
     for name in COMMAND_MODULES:
-        # TODO(integration): drop this guard once both modules exist.
-        if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
-            continue
         importlib.import_module(name).register(sub)
     return parser
 
