@@ -301,3 +301,61 @@ def markdown_table(rows, columns=None):
         cells = [fmt(row.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# -- memory ---------------------------------------------------------------
+
+
+def _proc_status_bytes(field):
+    """A `kB` field of /proc/self/status (e.g. VmRSS) in bytes, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_bytes():
+    """This process's resident memory now (Linux; None elsewhere)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes():
+    """This process's resident high-water mark (VmHWM) since the last
+    `reset_peak_rss()` (Linux; None elsewhere)."""
+    return _proc_status_bytes("VmHWM")
+
+
+def reset_peak_rss():
+    """Resets the VmHWM high-water mark to the current RSS (Linux >= 4.0).
+
+    Writing "5" to /proc/self/clear_refs does it, so several variants can
+    be measured one after another in one process. Returns False where
+    unsupported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_free_memory():
+    """Garbage-collects and hands free heap pages back to the OS.
+
+    Without `malloc_trim`, memory freed by one variant stays resident in
+    glibc's heap and the next variant reuses it without raising RSS,
+    which would understate the next variant's peak.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
