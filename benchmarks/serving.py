@@ -58,6 +58,7 @@ SETTINGS = {
         decode_batch=8,
         prompt=8,
         new_tokens=32,
+        loop_new_tokens=8,
         timing=dict(
             warmup=2,
             repeats=20,
@@ -74,6 +75,7 @@ SETTINGS = {
         decode_batch=8,
         prompt=4,
         new_tokens=8,
+        loop_new_tokens=4,
         timing=dict(
             warmup=1,
             repeats=5,
@@ -243,6 +245,71 @@ def routed_vs_loop(size, settings, log=print):
     return result
 
 
+def routed_vs_loop_generate(size, settings, log=print):
+    """Greedy generation for `batch` prompts on `batch` different adapters:
+    one routed `generate` call versus one call per adapter's sub-batch."""
+    rank, batch = settings["rank"], settings["batch"]
+    prompt, new = settings["prompt"], settings["loop_new_tokens"]
+    template = adapter_template(size, rank)
+    lm = build_lm(size)
+    bank = make_bank(
+        lm, template, batch, slots=batch, max_batch=batch, rank=rank
+    )
+    names = bank.names
+    bank.activate(names)
+    inputs = token_inputs(batch, prompt + new, size["vocabulary_size"])
+    inputs["padding_mask"][:, prompt:] = 0
+    inputs["token_ids"][:, prompt:] = 0
+    rows = [slice_rows(inputs, i, i + 1) for i in range(batch)]
+
+    def generate(batch_inputs, route):
+        bank.route(route)
+        out = lm.generate(dict(batch_inputs), stop_token_ids=None)
+        return np.asarray(keras.ops.convert_to_numpy(out["token_ids"]))
+
+    def routed():
+        return generate(inputs, names)
+
+    def loop():
+        return np.concatenate(
+            [generate(rows[i], [name]) for i, name in enumerate(names)]
+        )
+
+    mismatched = int(np.sum(routed() != loop()))
+    log(f"routed vs loop generate: {mismatched} differing tokens")
+    # A loop round is `batch` generate calls: fewer rounds keep it short.
+    timing = dict(settings["timing"], warmup=1)
+    timing["repeats"] = min(timing["repeats"], 4)
+    timing["min_repeats"] = min(timing["min_repeats"], 2)
+    times, stats = common.time_interleaved_quiet(
+        {"routed": routed, "loop": loop}, **timing
+    )
+    result = {
+        "adapters": batch,
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new,
+        "rank": rank,
+        "differing_tokens_routed_vs_loop": mismatched,
+        "timing_stats": stats,
+        "variants": {},
+    }
+    for name, values in times.items():
+        summary = common.summarize(values)
+        summary["new_tokens_per_s"] = batch * new / (summary["median_ms"] / 1e3)
+        result["variants"][name] = summary
+    result["throughput_ratio"] = common.paired_ratio(
+        times["loop"], times["routed"]
+    )
+    log(
+        "routed vs loop generate: routed "
+        f"{result['variants']['routed']['median_ms']:.1f} ms, loop "
+        f"{result['variants']['loop']['median_ms']:.1f} ms, "
+        f"throughput x{result['throughput_ratio']:.2f}"
+    )
+    return result
+
+
 def registered_many_vs_one(size, settings, log=print):
     rank, rows = settings["rank"], settings["decode_batch"]
     prompt, new = settings["prompt"], settings["new_tokens"]
@@ -312,6 +379,10 @@ def run(quick=False, log=print):
     monitor = common.CpuMonitor()
     log(f"[{backend}] routed batch vs per-adapter loop")
     result["routed_vs_loop"] = routed_vs_loop(size, settings, log)
+    log(f"[{backend}] routed generate vs per-adapter generate loop")
+    result["routed_vs_loop_generate"] = routed_vs_loop_generate(
+        size, settings, log
+    )
     log(f"[{backend}] per-token latency, many registered adapters vs 1")
     result["registered_many_vs_one"] = registered_many_vs_one(
         size, settings, log
@@ -352,7 +423,7 @@ def render_markdown(results, command):
         "are discarded (see `timing_stats` in the JSON files). Ratios are "
         "medians of per-round ratios.",
         "",
-        "## Routed batch vs per-adapter loop",
+        "## Routed forward pass (prefill) vs per-adapter loop",
         "",
         f"A batch of {settings['batch']} sequences of "
         f"{settings['sequence']} tokens, each for a different adapter "
@@ -392,8 +463,53 @@ def render_markdown(results, command):
             ],
         )
     )
+    lines += [
+        "",
+        "## Routed generation vs per-adapter generation loop",
+        "",
+        f"Greedy `CausalLM.generate` of {settings['loop_new_tokens']} new "
+        f"tokens after {settings['prompt']}-token prompts, {settings['batch']} "
+        "prompts for as many adapters: one routed call versus one call per "
+        "adapter's sub-batch (one row each). Decoding is what serving "
+        "spends its time on; the routed and looped tokens are compared. "
+        "Target: routed >= 4x throughput.",
+        "",
+    ]
+    rows = []
+    for result in results:
+        case = result.get("routed_vs_loop_generate")
+        if case is None:
+            continue
+        rows.append(
+            {
+                "backend": result["backend"],
+                "routed_ms": case["variants"]["routed"]["median_ms"],
+                "loop_ms": case["variants"]["loop"]["median_ms"],
+                "routed_tps": case["variants"]["routed"]["new_tokens_per_s"],
+                "loop_tps": case["variants"]["loop"]["new_tokens_per_s"],
+                "ratio": case["throughput_ratio"],
+                "diff": case["differing_tokens_routed_vs_loop"],
+                "contended": case["timing_stats"]["contended"],
+            }
+        )
+    lines.append(
+        common.markdown_table(
+            rows,
+            [
+                ("backend", "backend"),
+                ("routed_ms", "routed ms"),
+                ("loop_ms", "loop ms"),
+                ("routed_tps", "routed new tokens/s"),
+                ("loop_tps", "loop new tokens/s"),
+                ("ratio", "throughput routed/loop"),
+                ("diff", "differing tokens"),
+                ("contended", "contended"),
+            ],
+        )
+    )
     count = settings["registered"]
     lines += [
+        "",
         f"## Per-token latency: {count} registered adapters vs 1",
         "",
         f"Greedy `CausalLM.generate` of {settings['new_tokens']} new tokens "
