@@ -359,3 +359,72 @@ def release_free_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def machine_line(results):
+    """One line: CPU, platform, Python and the versions of every backend."""
+    first = results[0]["machine"]
+    parts = [
+        f"CPU {first['cpu']} ({first['cores']} cores, "
+        f"{first['usable_cores']} usable)",
+        first["platform"],
+        f"Python {first['python']}",
+        f"NumPy {first['numpy']}",
+        f"Keras {first['keras']}",
+    ]
+    seen = set()
+    for result in results:
+        machine = result["machine"]
+        versions = dict(machine.get("backend_versions", {}))
+        versions.update(machine.get("peft_versions", {}))
+        for name, version in versions.items():
+            if name not in seen:
+                seen.add(name)
+                parts.append(f"{name} {version}")
+    for result in results:
+        machine = result["machine"]
+        threads = machine.get("torch_threads") or machine.get(
+            "torch_num_threads"
+        )
+        if threads:
+            parts.append(f"torch threads {threads}")
+            break
+    return "; ".join(parts)
+
+
+def load_line(results):
+    """Per backend: other processes' CPU share and the load averages."""
+
+    def load(values):
+        return "n/a" if not values else "/".join(f"{v:.2f}" for v in values)
+
+    parts = []
+    for r in results:
+        share = r.get("other_processes_cpu_share")
+        share = "n/a" if share is None else f"{100 * share:.0f}%"
+        parts.append(
+            f"{r['backend']}: other processes used {share} of the CPU, "
+            f"load average {load(r.get('load_average_start'))} -> "
+            f"{load(r.get('load_average_end'))}"
+        )
+    return "; ".join(parts)
+
+
+def add_timing_args(parser):
+    """`--repeats` and `--max-other-share`, shared by the timed workloads."""
+    parser.add_argument("--repeats", type=int, help="Override timed rounds.")
+    parser.add_argument(
+        "--max-other-share",
+        type=float,
+        help="Discard rounds timed while other processes used more than "
+        "this share of the CPU (default 0.05; 1 keeps all).",
+    )
+
+
+def apply_timing_args(settings, args):
+    """Applies `add_timing_args`'s options to a workload's `settings`."""
+    if args.repeats is not None:
+        settings["repeats"] = args.repeats
+        settings["min_repeats"] = min(settings["min_repeats"], args.repeats)
+    if args.max_other_share is not None:
+        settings["max_other_share"] = args.max_other_share

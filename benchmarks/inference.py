@@ -213,7 +213,7 @@ def render_markdown(results, command):
         "",
         f"Date: {first['date']}",
         "",
-        f"Machine: {training.machine_line(results)}",
+        f"Machine: {common.machine_line(results)}",
         "",
         f"Forward pass (logits over the full vocabulary) of gpt2-mini "
         f"({shape['num_layers']} layers, hidden {shape['hidden_dim']}, "
@@ -232,7 +232,7 @@ def render_markdown(results, command):
         f"discarded; median of up to {first['settings']['repeats']} kept "
         "rounds; ratios are medians of per-round ratios.",
         "",
-        "Load: " + training.load_line(results) + ".",
+        "Load: " + common.load_line(results) + ".",
         "",
         "## Median forward time (ms)",
         "",
@@ -281,20 +281,10 @@ def main(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="Few calls (smoke test)."
     )
-    parser.add_argument("--repeats", type=int, help="Override timed rounds.")
-    parser.add_argument(
-        "--max-other-share",
-        type=float,
-        help="Discard rounds timed while other processes used more than "
-        "this share of the CPU (default 0.05; 1 keeps all).",
-    )
+    common.add_timing_args(parser)
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
-    if args.repeats is not None:
-        settings["repeats"] = args.repeats
-        settings["min_repeats"] = min(settings["min_repeats"], args.repeats)
-    if args.max_other_share is not None:
-        settings["max_other_share"] = args.max_other_share
+    common.apply_timing_args(settings, args)
 
     def log(message):
         print(message, flush=True)

@@ -461,28 +461,6 @@ def run(cases, timing, log=print):
 # -- markdown -------------------------------------------------------------
 
 
-def _machine_line(results):
-    first = results[0]["machine"]
-    parts = [
-        f"CPU {first['cpu']} ({first['cores']} cores, "
-        f"{first['usable_cores']} usable)",
-        first["platform"],
-        f"Python {first['python']}",
-        f"NumPy {first['numpy']}",
-        f"Keras {first['keras']}",
-    ]
-    for result in results:
-        machine = result["machine"]
-        versions = ", ".join(
-            f"{k} {v}" for k, v in machine["backend_versions"].items()
-        )
-        extra = ""
-        if "torch_num_threads" in machine:
-            extra = f" ({machine['torch_num_threads']} threads)"
-        parts.append(versions + extra)
-    return "; ".join(parts)
-
-
 def render_markdown(results, command):
     """The combined markdown report for a list of per-backend results."""
     settings = results[0]["settings"]
@@ -493,7 +471,7 @@ def render_markdown(results, command):
         "",
         f"Date: {results[0]['date']}",
         "",
-        f"Machine: {_machine_line(results)}",
+        f"Machine: {common.machine_line(results)}",
         "",
         "Each backend ran in its own process. Variants: `base` (plain "
         "Keras layer), `builtin` (Keras `enable_lora`), `unmerged` "

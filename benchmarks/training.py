@@ -590,7 +590,7 @@ def render_markdown(results, command):
         "",
         f"Date: {first['date']}",
         "",
-        f"Machine: {machine_line(results)}",
+        f"Machine: {common.machine_line(results)}",
         "",
         "Keras variants: keras-hub `GPT2CausalLM`, random weights, "
         "vocabulary 50257, dropout 0, float32; `full` trains every weight, "
@@ -620,7 +620,7 @@ def render_markdown(results, command):
         "warm-up) - resident memory once the model is built; it holds "
         "optimizer state, gradients, activations and compiled programs.",
         "",
-        "Load: " + load_line(results) + ".",
+        "Load: " + common.load_line(results) + ".",
         "",
     ]
     keys = [k for k in WORKLOADS if any(k in r["workloads"] for r in results)]
@@ -753,50 +753,6 @@ def _workload_section(results, key):
     return lines
 
 
-def machine_line(results):
-    """One line: CPU, platform, Python and the versions of every backend."""
-    first = results[0]["machine"]
-    parts = [
-        f"CPU {first['cpu']} ({first['cores']} cores, "
-        f"{first['usable_cores']} usable)",
-        first["platform"],
-        f"Python {first['python']}",
-        f"NumPy {first['numpy']}",
-        f"Keras {first['keras']}",
-    ]
-    seen = set()
-    for result in results:
-        machine = result["machine"]
-        versions = dict(machine.get("backend_versions", {}))
-        versions.update(machine.get("peft_versions", {}))
-        for name, version in versions.items():
-            if name not in seen:
-                seen.add(name)
-                parts.append(f"{name} {version}")
-    threads = first.get("torch_threads")
-    if threads:
-        parts.append(f"torch threads {threads}")
-    return "; ".join(parts)
-
-
-def load_line(results):
-    """Per backend: other processes' CPU share and the load averages."""
-
-    def load(values):
-        return "n/a" if not values else "/".join(f"{v:.2f}" for v in values)
-
-    parts = []
-    for r in results:
-        share = r.get("other_processes_cpu_share")
-        share = "n/a" if share is None else f"{100 * share:.0f}%"
-        parts.append(
-            f"{r['backend']}: other processes used {share} of the CPU, "
-            f"load average {load(r.get('load_average_start'))} -> "
-            f"{load(r.get('load_average_end'))}"
-        )
-    return "; ".join(parts)
-
-
 # -- command line ------------------------------------------------------------
 
 
@@ -835,21 +791,11 @@ def main(argv=None):
         default="auto",
         help="Keras compile(jit_compile=...): auto (default), true, false.",
     )
-    parser.add_argument("--repeats", type=int, help="Override timed rounds.")
-    parser.add_argument(
-        "--max-other-share",
-        type=float,
-        help="Discard rounds timed while other processes used more than "
-        "this share of the CPU (default 0.05; 1 keeps all).",
-    )
+    common.add_timing_args(parser)
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     settings["jit_compile"] = args.jit_compile
-    if args.repeats is not None:
-        settings["repeats"] = args.repeats
-        settings["min_repeats"] = min(settings["min_repeats"], args.repeats)
-    if args.max_other_share is not None:
-        settings["max_other_share"] = args.max_other_share
+    common.apply_timing_args(settings, args)
     if args.workloads:
         workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     else:
