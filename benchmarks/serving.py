@@ -28,7 +28,7 @@ import numpy as np
 
 import keras_lora as kl
 from benchmarks import common
-from keras_lora.adapter_files import _collect
+from keras_lora.adapter_files import collect_adapter
 from keras_lora.serving import AdapterBank
 
 SIZES = {
@@ -105,7 +105,7 @@ def adapter_template(size, rank):
     """`(meta, tensors)` of one rank-`rank` adapter for a GPT-2 of `size`."""
     source = build_lm(size)
     kl.apply_lora(source, kl.LoraConfig(rank=rank, **CONFIG))
-    tensors, meta = _collect(source, "default")
+    tensors, meta = collect_adapter(source, "default")
     return meta, tensors
 
 

@@ -108,7 +108,7 @@ def save_adapter(model, directory, adapter_name="default"):
     >>> kl.save_adapter(model, "my_adapter")                 # doctest: +SKIP
     >>> kl.load_adapter(fresh_base_model, "my_adapter")      # doctest: +SKIP
     """
-    tensors, meta = _collect(model, adapter_name)
+    tensors, meta = collect_adapter(model, adapter_name)
     directory = os.path.abspath(os.fspath(directory))
 
     def write(tmp):
@@ -131,8 +131,12 @@ def save_adapter(model, directory, adapter_name="default"):
     return directory
 
 
-def _collect(model, adapter_name):
-    """`(tensors, metadata)` of adapter `adapter_name`; changes nothing."""
+def collect_adapter(model, adapter_name):
+    """`(tensors, metadata)` of adapter `adapter_name`; changes nothing.
+
+    What `save_adapter` writes; also used by `AdapterBank.register` for
+    in-memory models.
+    """
     sites = list(surgery.walk(model))
     layer_sites = [
         s

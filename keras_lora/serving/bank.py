@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 from keras_lora import routing, surgery
-from keras_lora.adapter_files import _collect, read_adapter
+from keras_lora.adapter_files import collect_adapter, read_adapter
 from keras_lora.adapter_loading import plan_load
 from keras_lora.adapter_paths import SiteIndex
 from keras_lora.lora_layer import AdapterSpec, LoraLayer
@@ -363,7 +363,7 @@ def _read_source(source, adapter_name):
         return meta, tensors, "the given adapter"
     if hasattr(source, "layers") or hasattr(source, "weights"):
         name = "default" if adapter_name is None else adapter_name
-        tensors, meta = _collect(source, name)
+        tensors, meta = collect_adapter(source, name)
         return meta, tensors, f"adapter {name!r} of model '{source.name}'"
     raise TypeError(
         f"AdapterBank.register: `source` must be an adapter directory, a "
