@@ -361,6 +361,21 @@ def release_free_memory():
         pass
 
 
+def report_header(title, command, results):
+    """The first lines of a workload's markdown report: title, the command
+    that produced it, date and machine."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {results[0]['date']}",
+        "",
+        f"Machine: {machine_line(results)}",
+        "",
+    ]
+
+
 def machine_line(results):
     """One line: CPU, platform, Python and the versions of every backend."""
     first = results[0]["machine"]

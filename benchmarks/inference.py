@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 import keras_lora as kl
-from benchmarks import common, training
+from benchmarks import common, gpt2_variants
 
 VARIANTS = ("base", "builtin", "unmerged", "merged", "unloaded")
 RATIOS = (
@@ -54,19 +54,19 @@ QUICK = {
 }
 
 
-def build_models(shape, rank=training.RANK, seed=0):
+def build_models(shape, rank=gpt2_variants.RANK, seed=0):
     """`{variant: GPT2CausalLM}` with the same base weights; the LoRA
     variants share one non-zero adapter (the built-in one its own)."""
     rng = np.random.default_rng(seed + 1)
-    models = {"base": training.build_keras_model("full", shape, seed=seed)}
-    builtin = training.build_keras_model("builtin", shape, seed=seed)
+    models = {"base": gpt2_variants.build_keras_model("full", shape, seed=seed)}
+    builtin = gpt2_variants.build_keras_model("builtin", shape, seed=seed)
     for b in builtin.weights:
         if b.path.endswith("lora_kernel_b"):
             b.assign(rng.normal(0.0, 0.02, b.shape).astype("float32"))
     models["builtin"] = builtin
     adapters = None
     for name in ("unmerged", "merged", "unloaded"):
-        model = training.build_keras_model("keras_lora", shape, seed=seed)
+        model = gpt2_variants.build_keras_model("keras_lora", shape, seed=seed)
         lora_layers = kl.lora_layers(model)
         if adapters is None:
             adapters = [
@@ -124,8 +124,8 @@ def run(settings, log=print):
     backend = keras.backend.backend()
     load_start = common.load_average()
     monitor = common.CpuMonitor()
-    shape = training.WORKLOADS["w1"]
-    x, _ = training.keras_batch(shape)
+    shape = gpt2_variants.WORKLOADS["w1"]
+    x, _ = gpt2_variants.keras_batch(shape)
     x = {k: keras.ops.convert_to_tensor(v) for k, v in x.items()}
     log(f"[{backend}] W3: building {len(VARIANTS)} variants of gpt2-mini")
     models = build_models(shape)
@@ -155,7 +155,7 @@ def run(settings, log=print):
     for name in VARIANTS:
         variants[name] = {
             "forward": common.summarize(times[name]),
-            "params": training.count_params(models[name].weights),
+            "params": gpt2_variants.count_params(models[name].weights),
         }
         log(
             f"[{backend}] W3: {name:<9} forward "
@@ -182,7 +182,7 @@ def run(settings, log=print):
             "dtype": "float32",
         },
         "shape": dict(shape),
-        "rank": training.RANK,
+        "rank": gpt2_variants.RANK,
         "variants": variants,
         "ratios": ratios,
         "target": {
@@ -206,15 +206,8 @@ def render_markdown(results, command):
     """The markdown report for a list of per-backend results."""
     first = results[0]
     shape = first["shape"]
-    lines = [
-        "# Inference: merged and unmerged LoRA vs the base model (W3)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {first['date']}",
-        "",
-        f"Machine: {common.machine_line(results)}",
-        "",
+    title = "Inference: merged and unmerged LoRA vs the base model (W3)"
+    lines = common.report_header(title, command, results) + [
         f"Forward pass (logits over the full vocabulary) of gpt2-mini "
         f"({shape['num_layers']} layers, hidden {shape['hidden_dim']}, "
         f"{shape['num_heads']} heads, vocabulary {shape['vocab']}) on a "

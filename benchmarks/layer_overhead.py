@@ -464,15 +464,7 @@ def run(cases, timing, log=print):
 def render_markdown(results, command):
     """The combined markdown report for a list of per-backend results."""
     settings = results[0]["settings"]
-    lines = [
-        "# Layer overhead (W4)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {results[0]['date']}",
-        "",
-        f"Machine: {common.machine_line(results)}",
-        "",
+    lines = common.report_header("Layer overhead (W4)", command, results) + [
         "Each backend ran in its own process. Variants: `base` (plain "
         "Keras layer), `builtin` (Keras `enable_lora`), `unmerged` "
         "(`keras_lora` `from_layer`), `merged` (`keras_lora` after "

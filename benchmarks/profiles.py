@@ -1,22 +1,31 @@
 """Where the training step's time goes: the profiles behind the W1/W2 notes.
 
     KERAS_BACKEND=jax python -m benchmarks.profiles flops [w1|w2]
-    KERAS_BACKEND=torch python -m benchmarks.profiles torch-loss
+    KERAS_BACKEND=<backend> python -m benchmarks.profiles loss
+    KERAS_BACKEND=jax python -m benchmarks.profiles ops [w1|w2]
 
 `flops`: XLA's cost analysis (FLOPs and bytes accessed) of one compiled
 training step per variant (full fine-tuning, Keras built-in LoRA,
-keras_lora), built with the same builders as `benchmarks.training`. It is
-load-independent, so it says what a step must cost whatever the machine
-is doing.
+keras_lora), built with the same builders as `benchmarks.training`
+(`benchmarks.gpt2_variants`). It is load-independent, so it says what a
+step must cost whatever the machine is doing.
 
-`torch-loss`: forward + backward of Keras's
-`sparse_categorical_crossentropy` on W1's logits (8, 128, 50257) on the
-torch backend, next to `torch.nn.functional.cross_entropy` on the same
-logits flattened to (N, classes). Keras's torch implementation moves the
-class axis to position 1 before calling PyTorch, which copies the logits;
-this is part of every Keras-on-torch training step and none of PEFT's.
+`loss`: forward + backward of the language-model loss on W1's logits
+(8, 128, 50257) on the current backend: Keras's
+`sparse_categorical_crossentropy` on the 3-D logits (what
+`SparseCategoricalCrossentropy` does in a GPT-2 training step), the same
+on logits flattened to (tokens, vocabulary) rows, and
+`kl.losses.TokenCrossEntropy`, which the training benchmark uses. On torch
+Keras moves the class axis of 3-D logits to position 1 (a strided read of
+the whole logits), on JAX it multiplies by a one-hot array.
 
-Both print a table and write JSON with `--out FILE`.
+`ops`: a JAX profiler trace of two compiled training steps per variant,
+the XLA:CPU operations' thread time summed by kind: matrix products,
+fusions that write a transposed/copied array (and compute what XLA fused
+into them), everything else. It shows which part of a step does not
+shrink with the FLOPs.
+
+All print a table and write JSON with `--out FILE`.
 """
 
 import argparse
@@ -32,14 +41,14 @@ def flops(workload):
     import jax
     import keras
 
-    from benchmarks import training
+    from benchmarks import gpt2_variants as variants
 
-    shape = training.WORKLOADS[workload]
-    x, y = training.keras_batch(shape)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    shape = variants.WORKLOADS[workload]
+    x, y = variants.keras_batch(shape)
+    loss_fn = variants.lm_loss()
     rows = []
     for variant in ("full", "builtin", "keras_lora"):
-        model = training.build_keras_model(variant, shape)
+        model = variants.build_keras_model(variant, shape)
         optimizer = keras.optimizers.Adam(1e-4)
         optimizer.build(model.trainable_variables)
 
@@ -81,62 +90,207 @@ def flops(workload):
     return {"profile": "flops", "workload": workload, "rows": rows}
 
 
-def torch_loss(repeats=6):
+def _loss_variants(classes):
+    """Per-token mean losses `f(labels, logits)` to compare."""
     import keras
-    import torch
-    import torch.nn.functional as F
+    from keras import ops
 
-    if keras.backend.backend() != "torch":
-        raise SystemExit("torch-loss needs KERAS_BACKEND=torch.")
-    torch.manual_seed(0)
-    classes = 50257
-    logits = torch.randn(8, 128, classes, requires_grad=True)
-    labels = torch.randint(0, classes, (8, 128))
+    import keras_lora as kl
 
-    def keras_loss():
-        loss = keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True
+    def keras_3d(labels, logits):
+        return ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
         )
-        keras.ops.mean(loss).backward()
-        logits.grad = None
 
-    def flat_loss():
-        loss = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1))
-        loss.backward()
-        logits.grad = None
+    def keras_rows(labels, logits):
+        return ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                ops.reshape(labels, (-1,)),
+                ops.reshape(logits, (-1, classes)),
+                from_logits=True,
+            )
+        )
 
-    times = common.time_interleaved(
-        {"keras": keras_loss, "flat": flat_loss}, warmup=1, repeats=repeats
-    )
+    return {
+        "keras (batch, seq, vocab)": keras_3d,
+        "keras on rows (tokens, vocab)": keras_rows,
+        "kl.losses.TokenCrossEntropy": kl.losses.TokenCrossEntropy(),
+    }
+
+
+def _value_and_grad_runner(fn, labels, logits):
+    """A no-argument callable running forward + backward of `fn` w.r.t. the
+    logits and blocking until done: jax.jit, tf.function(jit_compile=True)
+    (as Keras compiles on these backends) or eager PyTorch (as Keras runs
+    on torch). Gradients have no backend-agnostic Keras API."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        grad = jax.jit(jax.value_and_grad(lambda z, y: fn(y, z)))
+        z, y = jax.numpy.asarray(logits), jax.numpy.asarray(labels)
+        return lambda: jax.block_until_ready(grad(z, y))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        z, y = tf.constant(logits), tf.constant(labels)
+
+        @tf.function(jit_compile=True)
+        def grad(z, y):
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                loss = fn(y, z)
+            return loss, tape.gradient(loss, z)
+
+        return lambda: [t.numpy() for t in grad(z, y)]
+    import torch
+
+    z = torch.tensor(logits, requires_grad=True)
+    y = torch.tensor(labels)
+
+    def run():
+        fn(y, z).backward()
+        z.grad = None
+
+    return run
+
+
+def loss(repeats=6):
+    """Forward + backward of the LM loss on W1's logits (8, 128, 50257)."""
+    import keras
+    import numpy as np
+
+    classes = 50257
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 128, classes)).astype("float32")
+    labels = rng.integers(0, classes, (8, 128)).astype("int32")
+    runners = {
+        name: _value_and_grad_runner(fn, labels, logits)
+        for name, fn in _loss_variants(classes).items()
+    }
+    times = common.time_interleaved(runners, warmup=2, repeats=repeats)
     rows = [
         {"loss": name, "fwd+bwd ms": round(statistics.median(t) * 1e3, 1)}
         for name, t in times.items()
     ]
+    keras_ms = rows[0]["fwd+bwd ms"]
+    for row in rows:
+        row["/ keras"] = round(row["fwd+bwd ms"] / keras_ms, 2)
     return {
-        "profile": "torch-loss",
+        "profile": "loss",
+        "backend": keras.backend.backend(),
         "logits": [8, 128, classes],
         "rows": rows,
-        "keras / flat": round(rows[0]["fwd+bwd ms"] / rows[1]["fwd+bwd ms"], 2),
+    }
+
+
+# XLA:CPU thunk names in a JAX trace, by what they do. Matrix products run
+# as library calls (YNNPACK/XNNPACK/oneDNN fusions, or plain `dot`);
+# fusions XLA names after a leading copy/transpose write a re-laid-out
+# array (for a following matrix product) and compute whatever XLA fused
+# into them.
+_OP_KINDS = (
+    ("matmul", ("ynn_fusion", "xnn_fusion", "onednn", "dot")),
+    ("copy/transpose fusions", ("copy", "transpose")),
+)
+# Trace events that are not XLA operations (Python, runtime bookkeeping).
+_NOT_OPS = (
+    "$",
+    "ThunkExecutor",
+    "SlinkyThreadPool",
+    "PjitFunction",
+    "CommonPjRt",
+)
+
+
+def _op_kind(name):
+    for kind, prefixes in _OP_KINDS:
+        if name.startswith(prefixes):
+            return kind
+    return "other (elementwise, reductions)"
+
+
+def _trace_op_times(directory):
+    """Thread-milliseconds per op kind in the JAX trace under `directory`."""
+    import collections
+    import glob
+    import gzip
+
+    (path,) = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    totals = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith(_NOT_OPS):
+            totals[_op_kind(name)] += event["dur"] / 1e3
+    return totals
+
+
+def ops(workload, steps=2):
+    """Where a compiled JAX training step spends its time, per op kind."""
+    import tempfile
+
+    import jax
+
+    from benchmarks import gpt2_variants as variants
+
+    if jax.default_backend() != "cpu":
+        raise SystemExit("ops: the op kinds are XLA:CPU's; run on a CPU.")
+    shape = variants.WORKLOADS[workload]
+    rows = []
+    for name in ("full", "builtin", "keras_lora"):
+        variant = variants.keras_variant(name, shape)
+        for _ in range(2):  # compile, create the optimizer state
+            variant.step()
+        with tempfile.TemporaryDirectory() as directory:
+            jax.profiler.start_trace(directory)
+            start = time.perf_counter()
+            for _ in range(steps):
+                variant.step()
+            wall = (time.perf_counter() - start) / steps
+            jax.profiler.stop_trace()
+            totals = _trace_op_times(directory)
+        row = {"variant": name, "step ms (traced)": round(wall * 1e3)}
+        for kind in [k for k, _ in _OP_KINDS] + [_op_kind("")]:
+            row[f"{kind} thread-ms"] = round(totals[kind] / steps)
+        rows.append(row)
+        del variant
+    full = rows[0]
+    for row in rows:
+        for key in [k for k in row if k.endswith("thread-ms")]:
+            row[key.replace("thread-ms", "/ full")] = round(
+                row[key] / full[key], 2
+            )
+    return {
+        "profile": "ops",
+        "workload": workload,
+        "steps": steps,
+        "rows": rows,
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profiles")
-    parser.add_argument("profile", choices=("flops", "torch-loss"))
+    parser.add_argument("profile", choices=("flops", "loss", "ops"))
     parser.add_argument("workload", nargs="?", default="w1")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.profile == "flops":
         result = flops(args.workload)
+    elif args.profile == "ops":
+        result = ops(args.workload)
     else:
-        result = torch_loss()
+        result = loss()
     result["machine"] = common.machine_info()
     result["load_average"] = common.load_average()
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(common.markdown_table(result["rows"]))
-    if "keras / flat" in result:
-        print(f"keras / flat: {result['keras / flat']}")
     if args.out:
         common.write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}))

@@ -1,6 +1,6 @@
 """keras_lora: LoRA for any Keras 3 model, on JAX, TensorFlow and PyTorch."""
 
-from keras_lora import callbacks
+from keras_lora import callbacks, losses
 from keras_lora._version import __version__
 from keras_lora.adapter_files import load_adapter, read_adapter, save_adapter
 from keras_lora.apply import (
@@ -50,6 +50,7 @@ __all__ = [
     "load_adapter",
     "load_model",
     "lora_layers",
+    "losses",
     "LoraConfig",
     "LoraDense",
     "LoraEinsumDense",

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from benchmarks import __main__ as runner
-from benchmarks import common, inference, training
+from benchmarks import (
+    common,
+    gpt2_variants,
+    inference,
+    training,
+    training_report,
+)
 from tests.conftest import to_numpy
 
 # gpt2-mini's structure at keras-hub's test size.
@@ -24,7 +30,7 @@ TINY = dict(
     vocab=64,
     targets="query_value",
 )
-R = training.RANK
+R = gpt2_variants.RANK
 
 
 def expected_trainable(variant, shape):
@@ -78,7 +84,9 @@ def one_step():
     def run(variant, targets):
         if (variant, targets) not in cache:
             shape = dict(TINY, targets=targets)
-            trainer = training.keras_variant(variant, shape, run_eagerly=True)
+            trainer = gpt2_variants.keras_variant(
+                variant, shape, run_eagerly=True
+            )
             model = trainer.model
             trainable = list(model.trainable_weights)
             frozen = list(model.non_trainable_weights)
@@ -140,7 +148,7 @@ def test_peft_variant_trains_only_lora(targets):
     import torch
 
     shape = dict(TINY, targets=targets)
-    trainer = training.peft_variant(shape)
+    trainer = gpt2_variants.peft_variant(shape)
     assert trainer.trainable_params == expected_trainable("peft", shape)
     before = {
         n: p.detach().clone() for n, p in trainer.model.named_parameters()
@@ -156,7 +164,7 @@ def test_peft_variant_trains_only_lora(targets):
 
 def test_inference_variants_agree():
     models = inference.build_models(TINY)
-    x, _ = training.keras_batch(TINY)
+    x, _ = gpt2_variants.keras_batch(TINY)
     out = {n: to_numpy(m(x, training=False)) for n, m in models.items()}
     np.testing.assert_allclose(out["merged"], out["unmerged"], atol=1e-5)
     np.testing.assert_allclose(out["unloaded"], out["unmerged"], atol=1e-5)
@@ -196,7 +204,7 @@ def fake_training_result(backend, keras_lora_ms, ratios):
             "memory": {"peak_overhead_mb": 500.0 if name == "full" else 200.0},
             "step": {"median_ms": ms, "p25_ms": ms - 1, "p75_ms": ms + 1},
         }
-    step = dict.fromkeys(label for label, _, _ in training.RATIOS)
+    step = dict.fromkeys(label for label, _, _ in training_report.RATIOS)
     step.update(ratios)
     memory = dict.fromkeys(step)
     memory["keras_lora/full"] = 0.4
@@ -228,13 +236,15 @@ def fake_training_result(backend, keras_lora_ms, ratios):
         "workloads": {
             "w1": {
                 "label": "W1 gpt2-mini",
-                "shape": dict(training.WORKLOADS["w1"]),
+                "shape": dict(gpt2_variants.WORKLOADS["w1"]),
                 "rank": 4,
-                "targets": training.TARGETS["query_value"],
+                "targets": gpt2_variants.TARGETS["query_value"],
                 "variants": variants,
                 "skipped": {"builtin": "not installed: test"},
                 "ratios": work_ratios,
-                "targets_met": training.evaluate_targets("w1", work_ratios),
+                "targets_met": training_report.evaluate_targets(
+                    "w1", work_ratios
+                ),
                 "checks": {},
                 "timing_stats": {"rounds_kept": 3, "contended": False},
             }
@@ -251,7 +261,9 @@ def test_training_report_tables_and_targets():
             "torch", 250.0, {"keras_lora/full": 0.8, "keras_lora/peft": 0.3}
         ),
     ]
-    text = training.render_markdown(results, "python -m benchmarks training")
+    text = training_report.render_markdown(
+        results, "python -m benchmarks training"
+    )
     assert "Command: `python -m benchmarks training`" in text
     assert "CPU Test CPU (2 cores, 2 usable)" in text
     lines = text.splitlines()
@@ -280,7 +292,7 @@ def test_inference_report():
         "date": "2026-01-01",
         "machine": fake_training_result("jax", 1.0, {})["machine"],
         "settings": dict(inference.QUICK, forward="jit"),
-        "shape": dict(training.WORKLOADS["w1"]),
+        "shape": dict(gpt2_variants.WORKLOADS["w1"]),
         "rank": 4,
         "variants": {
             n: {"forward": {"median_ms": 100.0 + i}}
@@ -364,3 +376,46 @@ def test_recorded_layer_results_still_render():
             results.append(json.load(f))
     text = layer_overhead.render_markdown(results, "cmd")
     assert "## Ratios (same run)" in text
+
+
+def test_loss_profile_variants_agree():
+    """The three losses `python -m benchmarks.profiles loss` times compute
+    the same value (so the profile compares like with like)."""
+    from benchmarks import profiles
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 11)).astype("float32")
+    labels = rng.integers(0, 11, (2, 3)).astype("int32")
+    values = [
+        float(to_numpy(fn(labels, logits)))
+        for fn in profiles._loss_variants(11).values()
+    ]
+    np.testing.assert_allclose(values, values[0], rtol=1e-6)
+
+
+def test_ops_profile_sums_trace_events_by_kind(tmp_path):
+    """`profiles ops` reads a JAX trace (gzip JSON) and sums the XLA ops'
+    durations (microseconds) by kind, skipping Python and runtime events."""
+    import gzip
+
+    from benchmarks import profiles
+
+    events = [
+        {"ph": "X", "name": "ynn_fusion.3", "dur": 2000},
+        {"ph": "X", "name": "dot.1", "dur": 500},
+        {"ph": "X", "name": "copy_bitcast_fusion.7", "dur": 1500},
+        {"ph": "X", "name": "transpose_copy_fusion", "dur": 500},
+        {"ph": "X", "name": "multiply_add_fusion.2", "dur": 250},
+        {"ph": "X", "name": "$trainer.py:749 train_on_batch", "dur": 9e6},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9e6},
+        {"ph": "i", "name": "dot.2", "dur": 9e6},  # not a complete event
+    ]
+    run_dir = tmp_path / "plugins" / "profile" / "run"
+    run_dir.mkdir(parents=True)
+    with gzip.open(run_dir / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    totals = profiles._trace_op_times(str(tmp_path))
+    assert totals["matmul"] == 2.5
+    assert totals["copy/transpose fusions"] == 2.0
+    assert totals["other (elementwise, reductions)"] == 0.25
+    assert sum(totals.values()) == 4.75
