@@ -128,6 +128,16 @@ def load_average():
         return None
 
 
+def record_end_load(result, monitor):
+    """Adds the end-of-run load average and the share of the CPU other
+    processes used since `monitor` (a `CpuMonitor`) started to `result`."""
+    result["load_average_end"] = load_average()
+    share = monitor.other_share()
+    result["other_processes_cpu_share"] = (
+        None if share is None else round(share, 4)
+    )
+
+
 class CpuMonitor:
     """Measures how much CPU other processes use while this one runs.
 

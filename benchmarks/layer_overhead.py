@@ -450,11 +450,7 @@ def run(cases, timing, log=print):
         result["cases"][name] = run_case(
             backend, name, CASES[name], timing, log=log
         )
-    result["load_average_end"] = common.load_average()
-    share = monitor.other_share()
-    result["other_processes_cpu_share"] = (
-        None if share is None else round(share, 4)
-    )
+    common.record_end_load(result, monitor)
     return result
 
 

@@ -209,11 +209,7 @@ def run(settings, log=print):
             )
         finally:
             stop()
-    result["load_average_end"] = common.load_average()
-    share = monitor.other_share()
-    result["other_processes_cpu_share"] = (
-        None if share is None else round(share, 4)
-    )
+    common.record_end_load(result, monitor)
     batched = result["modes"]["batched"]["requests_per_s"]
     single = result["modes"]["max_batch_1"]["requests_per_s"]
     result["speedup_requests_per_s"] = batched / single

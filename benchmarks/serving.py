@@ -387,11 +387,7 @@ def run(quick=False, log=print):
     result["registered_many_vs_one"] = registered_many_vs_one(
         size, settings, log
     )
-    result["load_average_end"] = common.load_average()
-    share = monitor.other_share()
-    result["other_processes_cpu_share"] = (
-        None if share is None else round(share, 4)
-    )
+    common.record_end_load(result, monitor)
     return result
 
 

@@ -311,11 +311,7 @@ def run(workloads, settings, variants, log=print):
         result["workloads"][key] = run_workload(
             backend, key, settings, variants, log=log
         )
-    result["load_average_end"] = common.load_average()
-    share = monitor.other_share()
-    result["other_processes_cpu_share"] = (
-        None if share is None else round(share, 4)
-    )
+    common.record_end_load(result, monitor)
     return result
 
 
