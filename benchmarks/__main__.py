@@ -1,8 +1,14 @@
 """Benchmark runner: `python -m benchmarks [WORKLOAD ...] [options]`.
 
-    python -m benchmarks                       # all workloads, all backends
+    python -m benchmarks                       # W1, W3, W4 on all backends
     python -m benchmarks training inference --backends jax --quick
-    python -m benchmarks all --with-w2
+    python -m benchmarks all --with-w2         # adds W2
+    python -m benchmarks serving server        # the serving benchmarks
+
+`all` (the default) is the LoRA comparison suite: training, inference and
+layer. The serving benchmarks run only when named: they take longer than
+the whole suite here (about 25 minutes on the 2-core CPU machine, most of
+it PyTorch's eager token-by-token generation).
 
 The Keras backend is fixed per process, so every workload runs under each
 backend in its own subprocess (`KERAS_BACKEND=<backend> python -m
@@ -46,10 +52,12 @@ class Workload:
     help: str
     report: str  # markdown file name, without ".md"
     options: tuple = ()  # runner options it accepts, e.g. ("with_w2",)
+    in_all: bool = True  # run by `all` (the default), or only when named
 
 
-# Registry, in the run order of `all`. The name goes into the JSON file
-# names (`layer` keeps the names its recorded results already have).
+# Registry, in run order (`all` takes those with `in_all`). The name goes
+# into the JSON file names (`layer` keeps the names its recorded results
+# already have).
 WORKLOADS = {
     "training": Workload(
         "benchmarks.training",
@@ -70,15 +78,19 @@ WORKLOADS = {
     ),
     "serving": Workload(
         "benchmarks.serving",
-        "Multi-adapter serving (benchmarks/serving.py).",
+        "Multi-adapter serving (benchmarks/serving.py); only when named.",
         "serving",
+        in_all=False,
     ),
     "server": Workload(
         "benchmarks.server_throughput",
-        "HTTP server throughput (benchmarks/server_throughput.py).",
+        "HTTP server throughput (benchmarks/server_throughput.py); only "
+        "when named.",
         "server_throughput",
+        in_all=False,
     ),
 }
+ALL = [name for name, workload in WORKLOADS.items() if workload.in_all]
 OPTION_FLAGS = {"with_w2": "--with-w2"}
 
 
@@ -180,7 +192,7 @@ def parse_args(argv):
         nargs="*",
         default=["all"],
         metavar="WORKLOAD",
-        help=f"all (default) or any of: {names}.",
+        help="all (default: " + ", ".join(ALL) + f") or any of: {names}.",
     )
     parser.add_argument(
         "--backends",
@@ -205,7 +217,7 @@ def parse_args(argv):
     wanted = []
     for name in args.workloads:
         if name == "all":
-            wanted += list(WORKLOADS)
+            wanted += ALL
         elif name in WORKLOADS:
             wanted.append(name)
         else:

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_lora.lora_layer import LoraLayer, split_kwargs
+from keras_lora.lora_layer import LoraLayer, matmul_trailing, split_kwargs
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -76,10 +76,10 @@ class LoraDense(LoraLayer):
         return (input_dim, rank), (rank, units)
 
     def _down(self, x, a):
-        return ops.matmul(x, a)  # (..., r)
+        return matmul_trailing(x, a)  # (..., r)
 
     def _up(self, hidden, b):
-        return ops.matmul(hidden, b)  # (..., units)
+        return matmul_trailing(hidden, b)  # (..., units)
 
     def _delta(self, a, b):
         return ops.matmul(a, b)  # (input_dim, units)

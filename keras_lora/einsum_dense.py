@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora.equation import factor_equation
-from keras_lora.lora_layer import LoraLayer, split_kwargs
+from keras_lora.lora_layer import LoraLayer, matmul_trailing, split_kwargs
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -86,10 +86,16 @@ class LoraEinsumDense(LoraLayer):
         return self.factorization.adapter_shapes(kernel_shape, rank)
 
     def _down(self, x, a):
-        return ops.einsum(self.factorization.down, x, a)  # (..., r)
+        f = self.factorization
+        if f.flat:
+            return matmul_trailing(x, a, len(f.contracted))  # (..., r)
+        return ops.einsum(f.down, x, a)
 
     def _up(self, hidden, b):
-        return ops.einsum(self.factorization.up, hidden, b)
+        f = self.factorization
+        if f.flat:
+            return matmul_trailing(hidden, b)
+        return ops.einsum(f.up, hidden, b)
 
     def _delta(self, a, b):
         return ops.einsum(self.factorization.delta, a, b)  # kernel-shaped

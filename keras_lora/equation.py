@@ -39,6 +39,10 @@ class Factorization:
         down: `x, A -> h` equation.
         up: `h, B -> y` equation.
         delta: `A, B -> kernel` equation (used by merge).
+        flat: True when the input is `[kept axes][contracted axes]` and the
+            output `[kept axes][output axes]`, both in kernel order (every
+            MultiHeadAttention projection and `...b,bc->...c`): the branch
+            is then two 2-D matrix products on reshaped views.
     """
 
     equation: str
@@ -48,6 +52,7 @@ class Factorization:
     down: str
     up: str
     delta: str
+    flat: bool = False
 
     def adapter_shapes(self, kernel_shape, rank):
         """Returns `(a_shape, b_shape)` for a kernel of `kernel_shape`."""
@@ -119,6 +124,7 @@ def factor_equation(equation, layer_name="EinsumDense"):
     hidden = "".join(
         c for c in inp.replace("...", "0") if c == "0" or c in out_letters
     ).replace("0", "...")
+    kept = hidden
     hidden += r
     return Factorization(
         equation=spaced,
@@ -128,4 +134,5 @@ def factor_equation(equation, layer_name="EinsumDense"):
         down=f"{inp},{contracted}{r}->{hidden}",
         up=f"{hidden},{r}{outputs}->{out}",
         delta=f"{contracted}{r},{r}{outputs}->{ker}",
+        flat=inp == kept + contracted and out == kept + outputs,
     )

@@ -690,6 +690,28 @@ _WRAPPER_KWARGS = (
 )
 
 
+def matmul_trailing(x, kernel, contracted_ndim=1):
+    """`x (..., K1..Kc) @ kernel (K1..Kc, N1..Nm) -> (..., N1..Nm)`.
+
+    Computed as one 2-D matrix product on reshaped views: the leading axes
+    of `x` are folded into rows first. The LoRA branches go through here
+    because the result is the same but the gradient is not computed the
+    same way: for a 3-D input, autodiff of a 3-D product contracts the
+    weight gradient over two axes, and XLA:CPU then copies the output
+    gradient into a transposed layout for every adapter (GPT-2 base shape,
+    LoRA on all linear layers: about a quarter of the JAX step). The 2-D
+    form needs no such copy (`python -m benchmarks.profiles ops w2`).
+    """
+    shape = ops.shape(x)
+    batch = tuple(shape[: len(shape) - contracted_ndim])
+    rows = math.prod(kernel.shape[:contracted_ndim])
+    outputs = tuple(kernel.shape[contracted_ndim:])
+    product = ops.matmul(
+        ops.reshape(x, (-1, rows)), ops.reshape(kernel, (rows, -1))
+    )
+    return ops.reshape(product, batch + outputs)
+
+
 def split_kwargs(kwargs):
     """Splits drop-in constructor kwargs into (wrapper, base layer) parts."""
     wrapper = {k: v for k, v in kwargs.items() if k in _WRAPPER_KWARGS}

@@ -320,9 +320,12 @@ def test_inference_report():
 
 def test_runner_expands_all_and_checks_names():
     args = runner.parse_args(["layer", "all", "--backends", "jax"])
-    others = [name for name in runner.WORKLOADS if name != "layer"]
-    assert args.workloads == ["layer", *others]  # given order, once each
+    assert args.workloads == ["layer", "training", "inference"]  # once each
     assert args.backends == ["jax"]
+    # The serving benchmarks run only when named.
+    assert runner.parse_args([]).workloads == ["training", "inference", "layer"]
+    args = runner.parse_args(["all", "server"])
+    assert args.workloads == ["training", "inference", "layer", "server"]
     with pytest.raises(SystemExit):
         runner.parse_args(["nonsense"])
     with pytest.raises(SystemExit):

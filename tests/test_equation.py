@@ -30,6 +30,22 @@ def test_strings_for_query_projection():
     assert f.delta == f"c{r},{r}de->cde"
 
 
+@pytest.mark.parametrize(
+    "equation, flat",
+    [
+        ("abc,cde->abde", True),  # MultiHeadAttention query/key/value
+        ("abcd,cde->abe", True),  # MultiHeadAttention output
+        ("...b,bc->...c", True),
+        ("abc,dce->abde", True),
+        ("ab...,bc->ac...", False),  # contracted axis not last
+        ("abcd,dce->abe", False),  # contracted in another order
+        ("abc,ce->aeb", False),  # output axes not last
+    ],
+)
+def test_flat_equations(equation, flat):
+    assert factor_equation(equation).flat is flat
+
+
 def test_rank_letter_avoids_equation_letters():
     f = factor_equation("abf,fg->abg")
     assert f.rank_letter not in "abfg"
