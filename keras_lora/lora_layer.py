@@ -693,15 +693,18 @@ _WRAPPER_KWARGS = (
 def matmul_trailing(x, kernel, contracted_ndim=1):
     """`x (..., K1..Kc) @ kernel (K1..Kc, N1..Nm) -> (..., N1..Nm)`.
 
-    Computed as one 2-D matrix product on reshaped views: the leading axes
-    of `x` are folded into rows first. The LoRA branches go through here
-    because the result is the same but the gradient is not computed the
-    same way: for a 3-D input, autodiff of a 3-D product contracts the
-    weight gradient over two axes, and XLA:CPU then copies the output
-    gradient into a transposed layout for every adapter (GPT-2 base shape,
-    LoRA on all linear layers: about a quarter of the JAX step). The 2-D
-    form needs no such copy (`python -m benchmarks.profiles ops w2`).
+    On JAX and TensorFlow this is one 2-D matrix product on reshaped views
+    (the leading axes of `x` folded into rows). The LoRA branches go
+    through here because the gradient is then computed differently: for a
+    3-D input, autodiff of a 3-D product contracts the weight gradient over
+    two axes, and XLA:CPU copies the output gradient into a transposed
+    layout for it, once per adapter (GPT-2 base shape with LoRA on every
+    linear layer: a quarter of the JAX step; the 2-D form needs no copy).
+    PyTorch folds the leading axes itself inside `tensordot`, which is
+    about 2% faster in eager mode than reshaping from Python.
     """
+    if keras.backend.backend() == "torch":
+        return ops.tensordot(x, kernel, axes=contracted_ndim)
     shape = ops.shape(x)
     batch = tuple(shape[: len(shape) - contracted_ndim])
     rows = math.prod(kernel.shape[:contracted_ndim])
