@@ -17,9 +17,11 @@ class LoraEinsumDense(LoraLayer):
     `abc,cde->abde` (kernel `(hidden, heads, head_dim)`) the adapter is
     `A: (hidden, r)` and `B: (r, heads, head_dim)`, and for its output
     projection `abcd,cde->abe` it is `A: (heads, head_dim, r)`,
-    `B: (r, hidden)`. The unmerged branch is two einsums and never builds
-    `A @ B`. Equations whose kernel shares an axis with both input and
-    output cannot be factored and raise `ValueError`.
+    `B: (r, hidden)`. The unmerged branch is two matrix products (2-D
+    products on reshaped views when the equation allows, einsums
+    otherwise) and never builds `A @ B`. Equations whose kernel shares an
+    axis with both input and output cannot be factored and raise
+    `ValueError`.
 
     Args:
         equation: as for `EinsumDense`.
