@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python -m benchmarks.profiles flops [w1|w2]
     KERAS_BACKEND=<backend> python -m benchmarks.profiles loss
-    KERAS_BACKEND=jax python -m benchmarks.profiles ops [w1|w2]
+    KERAS_BACKEND=jax|torch python -m benchmarks.profiles ops [w1|w2]
 
 `flops`: XLA's cost analysis (FLOPs and bytes accessed) of one compiled
 training step per variant (full fine-tuning, Keras built-in LoRA,
@@ -23,7 +23,9 @@ the whole logits), on JAX it multiplies by a one-hot array.
 the XLA:CPU operations' thread time summed by kind: matrix products,
 fusions that write a transposed/copied array (and compute what XLA fused
 into them), everything else. It shows which part of a step does not
-shrink with the FLOPs.
+shrink with the FLOPs. On torch, the same from `torch.profiler`: the
+operators' own CPU time summed by kind, matrix products (and, of those, the
+rank-r products of the LoRA branches) and everything else.
 
 All print a table and write JSON with `--out FILE`.
 """
@@ -231,8 +233,64 @@ def _trace_op_times(directory):
     return totals
 
 
-def ops(workload, steps=2):
-    """Where a compiled JAX training step spends its time, per op kind."""
+# PyTorch operators that run matrix products (their self time is the
+# product; `aten::matmul`/`aten::linear` only dispatch to them).
+_TORCH_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _torch_op_times(events, rank):
+    """Milliseconds per kind from `(name, input_shapes, self_us)` tuples.
+
+    Kinds: all matrix products; of those, the rank-`rank` ones (a 2-D
+    operand with `rank` rows or columns: the LoRA branches); the rest.
+    """
+    import collections
+
+    totals = collections.Counter()
+    for name, shapes, self_us in events:
+        ms = self_us / 1e3
+        totals["all"] += ms
+        if name in _TORCH_MATMULS:
+            totals["matmul"] += ms
+            if any(len(s) == 2 and rank in s for s in shapes if s):
+                totals[f"rank-{rank} products"] += ms
+    totals["other"] = totals["all"] - totals["matmul"]
+    return totals
+
+
+def _ops_torch(shape, steps):
+    import torch
+
+    from benchmarks import gpt2_variants as variants
+
+    rank = variants.RANK
+    rows = []
+    for name in ("full", "builtin", "keras_lora"):
+        variant = variants.keras_variant(name, shape)
+        for _ in range(2):  # create the optimizer state
+            variant.step()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(
+            activities=activities, record_shapes=True
+        ) as profile:
+            start = time.perf_counter()
+            for _ in range(steps):
+                variant.step()
+            wall = (time.perf_counter() - start) / steps
+        events = [
+            (e.key, e.input_shapes, e.self_cpu_time_total)
+            for e in profile.key_averages(group_by_input_shape=True)
+        ]
+        totals = _torch_op_times(events, rank)
+        row = {"variant": name, "step ms (profiled)": round(wall * 1e3)}
+        for kind in ("all", "matmul", f"rank-{rank} products", "other"):
+            row[f"{kind} self-CPU ms"] = round(totals[kind] / steps)
+        rows.append(row)
+        del variant
+    return rows
+
+
+def _ops_jax(shape, steps):
     import tempfile
 
     import jax
@@ -241,7 +299,6 @@ def ops(workload, steps=2):
 
     if jax.default_backend() != "cpu":
         raise SystemExit("ops: the op kinds are XLA:CPU's; run on a CPU.")
-    shape = variants.WORKLOADS[workload]
     rows = []
     for name in ("full", "builtin", "keras_lora"):
         variant = variants.keras_variant(name, shape)
@@ -260,15 +317,31 @@ def ops(workload, steps=2):
             row[f"{kind} thread-ms"] = round(totals[kind] / steps)
         rows.append(row)
         del variant
+    return rows
+
+
+def ops(workload, steps=2):
+    """Where a training step spends its time, per op kind (JAX or torch)."""
+    import keras
+
+    from benchmarks import gpt2_variants as variants
+
+    shape = variants.WORKLOADS[workload]
+    backend = keras.backend.backend()
+    if backend == "jax":
+        rows, unit = _ops_jax(shape, steps), "thread-ms"
+    elif backend == "torch":
+        rows, unit = _ops_torch(shape, steps), "self-CPU ms"
+    else:
+        raise SystemExit("ops: run with KERAS_BACKEND=jax or torch.")
     full = rows[0]
     for row in rows:
-        for key in [k for k in row if k.endswith("thread-ms")]:
-            row[key.replace("thread-ms", "/ full")] = round(
-                row[key] / full[key], 2
-            )
+        for key in [k for k in row if k.endswith(unit) and full[k]]:
+            row[key.replace(unit, "/ full")] = round(row[key] / full[key], 2)
     return {
         "profile": "ops",
         "workload": workload,
+        "backend": backend,
         "steps": steps,
         "rows": rows,
     }

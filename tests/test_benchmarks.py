@@ -422,3 +422,23 @@ def test_ops_profile_sums_trace_events_by_kind(tmp_path):
     assert totals["copy/transpose fusions"] == 2.0
     assert totals["other (elementwise, reductions)"] == 0.25
     assert sum(totals.values()) == 4.75
+
+
+def test_torch_ops_profile_sums_operator_times_by_kind():
+    """`profiles ops` on torch: operator self times (microseconds) summed
+    into matrix products, the rank-r ones among them, and the rest."""
+    from benchmarks import profiles
+
+    events = [
+        ("aten::mm", [[512, 768], [768, 3072]], 4000),
+        ("aten::mm", [[512, 768], [768, 4]], 300),  # x @ A
+        ("aten::addmm", [[3072], [512, 768], [768, 3072]], 1000),
+        ("aten::bmm", [[48, 128, 64], [48, 64, 4]], 500),  # 3-D: not LoRA
+        ("aten::gelu", [[4, 128, 3072]], 200),
+        ("aten::matmul", [[512, 4], [4, 768]], 0),  # dispatch only
+    ]
+    totals = profiles._torch_op_times(events, rank=4)
+    assert totals["matmul"] == 5.8
+    assert totals["rank-4 products"] == 0.3
+    assert totals["other"] == totals["all"] - 5.8
+    assert totals["all"] == 6.0
