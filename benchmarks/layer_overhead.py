@@ -661,20 +661,13 @@ def main(argv=None):
         help=f"Comma-separated cases (default: {','.join(CASES)}).",
     )
     parser.add_argument("--warmup", type=int, help="Override warm-up calls.")
-    parser.add_argument("--repeats", type=int, help="Override timed calls.")
-    parser.add_argument(
-        "--max-other-share",
-        type=float,
-        help="Discard timing blocks in which other processes used more "
-        "than this share of the CPU (default 0.05; 1 keeps all).",
-    )
+    common.add_timing_args(parser)
     args = parser.parse_args(argv)
 
     timing = dict(QUICK if args.quick else FULL)
-    for key in ("warmup", "repeats", "max_other_share"):
-        if getattr(args, key) is not None:
-            timing[key] = getattr(args, key)
-    timing["min_repeats"] = min(timing["min_repeats"], timing["repeats"])
+    if args.warmup is not None:
+        timing["warmup"] = args.warmup
+    common.apply_timing_args(timing, args)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
