@@ -28,7 +28,7 @@ import numpy as np
 
 import keras_lora as kl
 from benchmarks import common
-from keras_lora.adapter_files import collect_adapter
+from keras_lora.files.adapter_files import collect_adapter
 from keras_lora.serving import AdapterBank
 
 SIZES = {

@@ -1,27 +1,34 @@
-"""keras_lora: LoRA for any Keras 3 model, on JAX, TensorFlow and PyTorch."""
+"""keras_lora: LoRA for any Keras 3 model, on JAX, TensorFlow and PyTorch.
 
-from keras_lora import callbacks, losses
-from keras_lora._version import __version__
-from keras_lora.adapter_files import load_adapter, read_adapter, save_adapter
-from keras_lora.apply import (
+The workflow lives here (`kl.apply_lora`, `kl.save_adapter`, ...); the
+building blocks live in subpackages: `kl.layers` (LoRA layer classes, the
+layer registry, adapter variants), `kl.model` (configs, model surgery,
+model-level operations), `kl.files` (adapter and model files), `kl.serving`
+(routing many adapters through one model), `kl.interop` (PEFT adapters).
+"""
+
+from keras_lora import callbacks, files, interop, layers, losses, model
+from keras_lora.files import (
+    load_adapter,
+    load_model,
+    read_adapter,
+    save_adapter,
+    save_merged_model,
+    save_model,
+)
+from keras_lora.interop import export_peft, import_peft
+from keras_lora.layers import LoraDense, LoraEinsumDense
+from keras_lora.model import (
+    LoraConfig,
+    add_adapter,
+    add_weighted_adapter,
     applied_configs,
     apply_lora,
-    find_targets,
-    lora_layers,
-)
-from keras_lora.config import LoraConfig
-from keras_lora.dense import LoraDense
-from keras_lora.einsum_dense import LoraEinsumDense
-from keras_lora.equation import factor_equation
-from keras_lora.interop import export_peft, import_peft
-from keras_lora.lora_layer import AdapterSpec, LoraLayer
-from keras_lora.model_files import load_model, save_merged_model, save_model
-from keras_lora.model_ops import (
-    add_adapter,
     count_parameters,
     delete_adapter,
     disable_adapters,
     list_adapters,
+    lora_layers,
     merge_adapters,
     merge_and_unload,
     print_trainable_parameters,
@@ -29,11 +36,13 @@ from keras_lora.model_ops import (
     unload,
     unmerge_adapters,
 )
-from keras_lora.surgery import replace_sublayer
-from keras_lora.weighted import add_weighted_adapter
+from keras_lora.version import VERSION as __version__
 
 __all__ = [
-    "AdapterSpec",
+    "LoraConfig",
+    "LoraDense",
+    "LoraEinsumDense",
+    "__version__",
     "add_adapter",
     "add_weighted_adapter",
     "applied_configs",
@@ -43,28 +52,24 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "export_peft",
-    "factor_equation",
-    "find_targets",
+    "files",
     "import_peft",
+    "interop",
+    "layers",
     "list_adapters",
     "load_adapter",
     "load_model",
     "lora_layers",
     "losses",
-    "LoraConfig",
-    "LoraDense",
-    "LoraEinsumDense",
-    "LoraLayer",
     "merge_adapters",
     "merge_and_unload",
+    "model",
     "print_trainable_parameters",
     "read_adapter",
-    "replace_sublayer",
     "save_adapter",
     "save_merged_model",
     "save_model",
     "set_adapter",
     "unload",
     "unmerge_adapters",
-    "__version__",
 ]

@@ -5,11 +5,62 @@ no public way to add or drop a variable afterwards. Named adapters need both
 (`add_adapter` on a built layer, `delete_adapter`), exactly as Keras's own
 `enable_lora` does internally, and routed layers must track a routing
 variable shared by the model (`track_variable`), so these helpers reach
-into the tracker.
+into the tracker. Model surgery needs a layer's sublayer attributes and a
+Functional model's graph, which Keras keeps in private state too.
 Nothing else in the package uses private Keras API.
 """
 
 import contextlib
+
+# Keras bookkeeping attributes that hold layers already reached another way.
+_SKIP_ATTRIBUTES = {
+    "_layers",
+    "_operations",
+    "_functional",
+    "_inbound_nodes",
+    "_outbound_nodes",
+    "_tracker",
+    "_self_setattr_tracking",
+}
+
+
+def set_own_trainable(layer, value):
+    """Sets `layer.trainable` without Keras's recursion into sublayers.
+
+    Keras's setter also sets every sublayer's flag; a LoRA layer must keep
+    its base layer frozen when it is made trainable, so it sets only its
+    own flag and its own variables' here.
+    """
+    layer._trainable = bool(value)
+    for variable in layer._trainable_variables:
+        variable.trainable = layer._trainable
+
+
+def attribute_items(layer):
+    """`(name, value)` of `layer`'s attributes that may hold sublayers.
+
+    Keras has no public list of a layer's sublayer attributes; this reads
+    the instance dict (and torch's `_modules`, where the torch backend
+    keeps sublayers), skipping Keras's own bookkeeping.
+    """
+    names = list(vars(layer))
+    names += [n for n in getattr(layer, "_modules", None) or {}]
+    for name in dict.fromkeys(names):
+        if name in _SKIP_ATTRIBUTES or name.startswith("__"):
+            continue
+        try:
+            value = getattr(layer, name)
+        except Exception:  # noqa: BLE001 - properties may raise; skip them
+            continue
+        yield name, value
+
+
+def is_model_output(model, layer):
+    """True if `layer` produces one of Functional `model`'s outputs."""
+    outputs = getattr(model, "outputs", None) or []
+    return any(
+        getattr(t, "_keras_history", (None,))[0] is layer for t in outputs
+    )
 
 
 @contextlib.contextmanager
@@ -44,6 +95,41 @@ def track_variable(layer, variable):
         return
     with unlocked_tracker(layer):
         layer._track_variable(variable)
+
+
+def own_variable_lists(layer):
+    """Copies of the variable lists `layer` tracks itself, in order.
+
+    `layer.weights` lists these first (trainable, then non-trainable), so
+    their order is the order of weights in saved files and optimizers.
+    """
+    return list(layer._trainable_variables), list(
+        layer._non_trainable_variables
+    )
+
+
+def restore_own_variable_lists(layer, lists):
+    """Makes `layer` track exactly the variables of `lists`, in that order.
+
+    Used to undo adding or deleting adapters: Keras can only append a
+    tracked variable, which would change the order of `layer.weights`.
+    """
+    trainable, non_trainable = lists
+    wanted = {id(v) for v in trainable + non_trainable}
+    current = layer._trainable_variables + layer._non_trainable_variables
+    for variable in current:
+        if id(variable) not in wanted:
+            untrack_variable(layer, variable)
+    tracked = {
+        id(v)
+        for v in layer._trainable_variables + layer._non_trainable_variables
+    }
+    with unlocked_tracker(layer):
+        for variable in trainable + non_trainable:
+            if id(variable) not in tracked:
+                layer._track_variable(variable)
+    layer._trainable_variables[:] = trainable
+    layer._non_trainable_variables[:] = non_trainable
 
 
 def replace_in_list(parent, container, old, new_layer):

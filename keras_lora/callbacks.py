@@ -14,7 +14,7 @@ import time
 
 import keras
 
-from keras_lora.atomic import atomic_write_file
+from keras_lora.files.atomic import atomic_write_file
 from keras_lora.memory import memory_probe
 
 

@@ -6,7 +6,7 @@ import json
 import platform
 import sys
 
-from keras_lora._version import __version__
+from keras_lora.version import VERSION as __version__
 
 
 def backend_info():

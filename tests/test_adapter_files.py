@@ -10,8 +10,9 @@ import pytest
 import safetensors.numpy
 
 import keras_lora as kl
-from keras_lora import adapter_files, surgery
-from keras_lora.adapter_files import (
+from keras_lora.files import adapter_files
+from keras_lora.model import surgery
+from keras_lora.files.adapter_files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     load_adapter,
@@ -173,7 +174,12 @@ def test_file_layout(saved_mlp):
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         meta = json.load(f)
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
+    assert meta["layers"]["fc1"]["variant"] == "lora"
+    assert meta["layers"]["fc1"]["tensors"] == {
+        "lora_a": [6, 2],
+        "lora_b": [2, 8],
+    }
     assert meta["keras_lora_version"] == kl.__version__
     assert meta["adapter_name"] == "default"
     assert meta["config"]["rank_pattern"] == {"fc2": 3}
@@ -445,7 +451,7 @@ ERROR_CASES = {
     ),
     "inconsistent_rank": (
         lambda d: _edit_meta(
-            d, lambda m: m["layers"]["fc2"].update(lora_a_shape=[8, 4])
+            d, lambda m: m["layers"]["fc2"]["tensors"].update(lora_a=[8, 4])
         ),
         None,
         ValueError,
@@ -508,7 +514,7 @@ def test_failure_midway_is_rolled_back(saved_mlp, monkeypatch, adapted):
     def boom(self, name="default"):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(kl.LoraLayer, "lora_weights", boom)
+    monkeypatch.setattr(kl.layers.LoraLayer, "adapter", boom)
     with pytest.raises(RuntimeError, match="boom"):
         load_adapter(model, directory, adapter_name="new")
     monkeypatch.undo()
@@ -628,7 +634,7 @@ _CHILD = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     import keras
-    from keras_lora.adapter_files import load_adapter
+    from keras_lora.files.adapter_files import load_adapter
     from tests.models import mha_model
     data = np.load(sys.argv[2] + "/base.npz")
     model = mha_model()

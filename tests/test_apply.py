@@ -35,7 +35,7 @@ def test_gpt2_default_config_counts_query_value_parameters():
     layers, hidden, r = 2, 16, 4
     trainable, total, percent = kl.print_trainable_parameters(model)
     assert trainable == layers * 2 * (hidden * r + r * hidden)
-    paths = [s.path for s in kl.find_targets(model, kl.LoraConfig())]
+    paths = [s.path for s in kl.model.find_targets(model, kl.LoraConfig())]
     assert paths == [
         "transformer_layer_0/self_attention/query",
         "transformer_layer_0/self_attention/value",
@@ -78,7 +78,7 @@ def test_patterns_layers_to_transform_and_exclude():
     attention = model.get_layer("transformer_layer_1")._self_attention_layer
     assert isinstance(attention._query_dense, kl.LoraEinsumDense)
     attention = model.get_layer("transformer_layer_0")._self_attention_layer
-    assert not isinstance(attention._query_dense, kl.LoraLayer)
+    assert not isinstance(attention._query_dense, kl.layers.LoraLayer)
 
 
 def test_regex_targets_and_all_linear():

@@ -1,7 +1,7 @@
 import pytest
 
 import keras_lora as kl
-from keras_lora.config import path_matches
+from keras_lora.model.matching import path_matches
 
 
 def test_defaults_and_json_round_trip():
@@ -27,7 +27,7 @@ def test_defaults_and_json_round_trip():
     "kwargs, message",
     [
         ({"rank": 0}, "LoraConfig.rank must be a positive integer"),
-        ({"alpha": -2}, "LoraConfig.alpha must be a positive number"),
+        ({"alpha": -2}, "LoraConfig.alpha must be > 0, got -2"),
         ({"dropout": 1.5}, r"LoraConfig.dropout must be in \[0, 1\)"),
         ({"target_modules": []}, "target_modules is an empty list"),
         ({"target_modules": [3]}, "target_modules must be None"),

@@ -50,7 +50,7 @@ def test_flat_and_einsum_paths_agree_with_gradients():
     b.assign(np.random.rand(*b.shape).astype("float32"))
     assert lora.factorization.flat
     f = lora.factorization
-    flat = to_numpy(lora._up(lora._down(x, a.value), b.value))
+    flat = to_numpy(lora.project_up(lora.project_down(x, a.value), b.value))
     reference = np.einsum(f.up, np.einsum(f.down, x, to_numpy(a)), to_numpy(b))
     np.testing.assert_allclose(flat, reference, rtol=1e-5, atol=1e-6)
     # Gradient of sum(branch * g) with respect to A and B, in closed form.
@@ -117,7 +117,7 @@ def test_branch_gradient_is_two_dimensional_matrix_products():
     A 3-D product's weight gradient contracts two axes (batch and
     sequence), which XLA:CPU turns into a transposed copy of the output
     gradient per adapter (a quarter of the W2 step on JAX); see
-    `keras_lora.lora_layer.matmul_trailing`.
+    `keras_lora.layers.base.matmul_trailing`.
     """
     import jax
 

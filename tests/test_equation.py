@@ -1,6 +1,6 @@
 import pytest
 
-from keras_lora.equation import factor_equation
+from keras_lora.layers.equation import factor_equation
 
 
 @pytest.mark.parametrize(

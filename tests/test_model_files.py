@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.model_files import (
+from keras_lora.files.model_files import (
     RECORD_NAME,
     load_model,
     save_merged_model,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.surgery import walk
+from keras_lora.model.surgery import walk
 from tests.models import MODELS, mlp, outputs
 
 

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import keras_lora as kl
-from keras_lora import surgery
+from keras_lora.model import surgery
 from keras_lora.interop import export_peft, import_peft
 from tests import models
 from tests.conftest import weight_snapshot
@@ -207,7 +207,7 @@ def test_import_fused_gpt2_gives_query_key_value_one_adapter_each(
     paths = {  # without the backbone's own name
         s.path.split("/", 1)[1]: s.layer
         for s in surgery.walk(model)
-        if isinstance(s.layer, kl.LoraLayer)
+        if isinstance(s.layer, kl.layers.LoraLayer)
     }
     attention = "transformer_layer_1/self_attention/"
     for name in ("query", "key", "value"):
@@ -458,7 +458,7 @@ def test_export_layer_without_hf_counterpart_is_named(
 ):
     # An architecture table without GPT-2's c_fc: the adapted
     # feedforward_intermediate_dense then has no HF module to go to.
-    from keras_lora.interop import architecture, gpt2, llama
+    from keras_lora.interop import gpt2, layout, llama
 
     short = dataclasses.replace(
         gpt2.ARCHITECTURE,
@@ -467,7 +467,7 @@ def test_export_layer_without_hf_counterpart_is_named(
         ),
     )
     monkeypatch.setattr(
-        architecture, "supported", lambda: (short, llama.ARCHITECTURE)
+        layout, "supported", lambda: (short, llama.ARCHITECTURE)
     )
     model = keras_model(hf_dirs["gpt2"], causal_lm=False)
     kl.apply_lora(model, kl.LoraConfig(rank=2, target_modules="all-linear"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora import routing
+from keras_lora.serving import routing
 from tests.conftest import BACKEND, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -45,7 +45,7 @@ def _reference(make, x_shape):
     base.build(x_shape)
     for w in base.weights:
         w.assign(_random(w.shape))
-    layer = kl.apply.lora_class_for(base).from_layer(
+    layer = kl.layers.lora_class_for(base).from_layer(
         base, rank=ADAPTERS["a"][0], alpha=ADAPTERS["a"][1], adapter_name="a"
     )
     for name, (rank, alpha) in ADAPTERS.items():
@@ -202,7 +202,7 @@ def test_cost_does_not_depend_on_adapters_written():
     make, x_shape = LAYERS["dense"]
     reference = _reference(make, x_shape)
     layer, _ = _routed_copy(reference, make, x_shape, slots=3)
-    shapes = [tuple(v.shape) for v in layer._slot_weights.variables]
+    shapes = [tuple(v.shape) for v in layer.routed_slots.variables]
     assert shapes == [(4, 4, MAX_RANK), (4, MAX_RANK, 6), (4,)]
 
 
@@ -224,7 +224,7 @@ def test_errors():
         router.set([-2])
     with pytest.raises(ValueError, match="already has routed slots"):
         routing.attach(layer, router, 2, 4)
-    weights = layer._slot_weights
+    weights = layer.routed_slots
     with pytest.raises(ValueError, match="max_rank>=6"):
         weights.write(0, np.zeros((4, 6)), np.zeros((6, 6)), 1.0)
     with pytest.raises(ValueError, match="do not fit"):

@@ -19,7 +19,7 @@ def _model():
 
 def _randomise_b(model):
     for layer in model.layers:
-        if isinstance(layer, kl.LoraLayer):
+        if isinstance(layer, kl.layers.LoraLayer):
             _, b = layer.lora_weights()
             b.assign(np.random.normal(size=b.shape).astype("float32"))
 

@@ -43,10 +43,10 @@ def test_multi_head_attention_query_value_adapters():
     x = np.random.rand(16, 5, 8).astype("float32")
     y = np.random.rand(16, 5, 8).astype("float32")
     base_out = to_numpy(model(x))
-    kl.replace_sublayer(
+    kl.model.replace_sublayer(
         mha, "_query_dense", kl.LoraEinsumDense.from_layer(mha._query_dense)
     )
-    kl.replace_sublayer(
+    kl.model.replace_sublayer(
         mha, "_value_dense", kl.LoraEinsumDense.from_layer(mha._value_dense)
     )
     np.testing.assert_allclose(to_numpy(model(x)), base_out, atol=1e-6)

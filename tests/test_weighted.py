@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import keras_lora as kl
-from keras_lora.weighted import add_weighted_adapter
+from keras_lora.model.weighted import add_weighted_adapter
 from tests.conftest import to_numpy, weight_snapshot
 
 MHA_TARGETS = ["query", "value", "attention_output"]
@@ -252,13 +252,13 @@ def test_svd_truncates_to_the_best_low_rank_approximation(kind):
     for layer in layers:
         _check_new_spec(layer, "svd", default_rank)
         _check_new_spec(layer, "svd1", 1)
-        matrix = layer._kernel_matrix(
+        matrix = layer.kernel_matrix(
             _weighted_delta(layer, adapters, weights).astype("float64")
         )
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         for name, k in (("svd", default_rank), ("svd1", 1)):
             best = (u[:, :k] * s[:k]) @ vt[:k]
-            actual = layer._kernel_matrix(to_numpy(layer.delta_weight(name)))
+            actual = layer.kernel_matrix(to_numpy(layer.delta_weight(name)))
             _close(actual, best)
             assert np.linalg.matrix_rank(actual, tol=1e-4 * s[0]) == k
 
@@ -274,7 +274,7 @@ def test_new_adapter_config_is_recorded_and_functions_reset():
         assert config.rank_for(path) == layer.adapter_spec("mix").rank == 3
         assert config.alpha_for(path) == 3
     assert not config.use_rslora
-    targets = kl.find_targets(model, config)
+    targets = kl.model.find_targets(model, config)
     assert [s.layer for s in targets] == layers
     kl.set_adapter(model, "mix")
     deltas = {

@@ -18,9 +18,9 @@ import os
 import tempfile
 import time
 
-from keras_lora.atomic import atomic_write_dir
 from keras_lora.comparison import data, tokenizer
 from keras_lora.comparison.progress import TqdmCallback, status
+from keras_lora.files.atomic import atomic_write_dir
 
 BASE_INFO_FILE = "keras_lora_base.json"
 

@@ -14,7 +14,7 @@ import os
 import pathlib
 import sys
 
-from keras_lora.atomic import atomic_write_file
+from keras_lora.files.atomic import atomic_write_file
 
 NOTEBOOK = (
     pathlib.Path(__file__).resolve().parents[2]

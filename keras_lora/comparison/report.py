@@ -12,7 +12,7 @@
 import json
 import os
 
-from keras_lora.atomic import atomic_write_file
+from keras_lora.files.atomic import atomic_write_file
 
 JSON_NAME = "comparison.json"
 TABLE_NAME = "comparison.txt"

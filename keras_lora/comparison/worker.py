@@ -12,7 +12,7 @@ inherited from the parent.
 import json
 import sys
 
-from keras_lora.atomic import atomic_write_file
+from keras_lora.files.atomic import atomic_write_file
 
 
 def main(argv=None):

@@ -26,11 +26,11 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora import _version
-from keras_lora.apply import applied_configs
 from keras_lora.interop import peft_format
-from keras_lora.interop.architecture import hf_prefix, resolve
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.interop.layout import hf_prefix, resolve
+from keras_lora.layers.base import LoraLayer
+from keras_lora.model.records import applied_config, check_portable
+from keras_lora.version import VERSION
 
 _AUTO = "auto"
 
@@ -108,7 +108,7 @@ def export_peft(
         tensors[f"{prefix}{name}.lora_B.weight"] = b
     metadata = {
         "format": "pt",
-        "exported_by": f"keras_lora {_version.__version__}",
+        "exported_by": f"keras_lora {VERSION}",
         "keras_lora_adapter_name": adapter_name,
     }
     directory = os.path.abspath(os.fspath(directory))
@@ -139,14 +139,13 @@ def _adapted_layers(model, layout, adapter_name, where):
                 " in each block). Fix: apply the adapter without that layer "
                 "(LoraConfig(exclude_modules=[...])), or delete it there."
             )
-    config = applied_configs(model).get(adapter_name)
-    if config is not None and config.init == "pissa":
-        raise ValueError(
-            f"{where}: adapter {adapter_name!r} was PiSSA-initialised, which "
-            "moves part of the weights out of the base kernel; PEFT's "
-            "base model would lack it. Fix: export a merged model instead "
-            "(keras_lora.save_merged_model)."
-        )
+    check_portable(
+        model,
+        adapter_name,
+        where,
+        "export a merged model instead (keras_lora.save_merged_model)",
+    )
+    config = applied_config(model, adapter_name)
     if config is not None and config.modules_to_save:
         raise ValueError(
             f"{where}: adapter {adapter_name!r} saves whole modules "

@@ -23,7 +23,7 @@ import re
 import numpy as np
 import safetensors.numpy
 
-from keras_lora.atomic import atomic_write_dir, fsync_file
+from keras_lora.files.atomic import atomic_write_dir, fsync_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

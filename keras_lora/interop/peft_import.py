@@ -10,17 +10,15 @@ import os
 
 import numpy as np
 
-from keras_lora.adapter_files import ADAPTER_NAME, execute_load_plan
-from keras_lora.adapter_loading import plan_load
-from keras_lora.adapter_paths import (
-    base_kind,
-    expected_shapes,
-    kernel_shape_of,
+from keras_lora.files.loading import (
+    adapter_names_in,
+    execute_load_plan,
+    plan_load,
 )
-from keras_lora.apply import applied_configs
+from keras_lora.files.paths import base_of, lora_class_of
 from keras_lora.interop import peft_format
-from keras_lora.interop.architecture import resolve
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.interop.layout import resolve
+from keras_lora.layers.spec import check_adapter_name
 
 
 def import_peft(model, directory, adapter_name="default", is_trainable=True):
@@ -56,19 +54,9 @@ def import_peft(model, directory, adapter_name="default", is_trainable=True):
             is taken.
     """
     where = f"import_peft('{directory}')"
-    if not isinstance(adapter_name, str) or not ADAPTER_NAME.match(
-        adapter_name
-    ):
-        raise ValueError(
-            f"{where}: invalid adapter name {adapter_name!r}. Use letters, "
-            "digits, '_' or '-' only."
-        )
+    check_adapter_name(adapter_name, where)
     layout = resolve(model, where)
-    taken = set(applied_configs(model))
-    for site in layout.sites:
-        if isinstance(site.layer, LoraLayer):
-            taken.update(site.layer.adapters)
-    if adapter_name in taken:
+    if adapter_name in adapter_names_in(model):
         raise ValueError(
             f"{where}: model '{model.name}' already has an adapter named "
             f"{adapter_name!r}. Pass another name, e.g. import_peft(model, "
@@ -153,21 +141,18 @@ def _split(slot, full_name, a, b, config, where):
     )
     row = 0
     for site, width in zip(slot.sites, slot.out_dims, strict=True):
-        layer = site.layer
-        base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-        a_shape, b_shape = expected_shapes(layer, rank)
+        cls, base = lora_class_of(site.layer), base_of(site.layer)
+        a_shape, b_shape = cls.adapter_shapes_for(base, rank)
         part_a = np.ascontiguousarray(a.T.reshape(a_shape))
         part_b = np.ascontiguousarray(b[row : row + width].T.reshape(b_shape))
         row += width
         spec = {
+            **cls.describe(base),
+            "variant": "lora",
             "rank": int(rank),
             "alpha": alpha,
             "dropout": config.get("lora_dropout", 0.0),
             "use_rslora": bool(config.get("use_rslora", False)),
-            "kernel_shape": list(kernel_shape_of(base)),
-            "lora_a_shape": list(a_shape),
-            "lora_b_shape": list(b_shape),
-            "base_class": base_kind(base),
-            "equation": getattr(base, "equation", None),
+            "tensors": {"lora_a": list(a_shape), "lora_b": list(b_shape)},
         }
         yield site.path, spec, part_a, part_b

@@ -5,7 +5,7 @@
 - `generate`: keras-hub `CausalLM` generation with one adapter per prompt.
 - `Engine`: the batched completion engine behind `keras-lora serve`.
 
-Per-example routing itself lives in `keras_lora.routing`.
+Per-example routing itself lives in `keras_lora.serving.routing`.
 """
 
 from keras_lora.serving.bank import AdapterBank

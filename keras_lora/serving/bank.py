@@ -3,7 +3,7 @@
 Adapters are registered by name, from `save_adapter` directories or from a
 LoRA model in memory, and kept on the host as numpy arrays (thousands fit).
 The model gets a fixed number of device *slots* per adapted layer (see
-`keras_lora.routing`); `activate(names)` puts the adapters a batch needs
+`keras_lora.serving.routing`); `activate(names)` puts the adapters a batch needs
 into slots, evicting the least recently used ones, by variable assignment:
 nothing recompiles. `routing(names)` also routes batch row `i` to
 `names[i]` (`None`: the base model) for the calls inside it.
@@ -22,11 +22,13 @@ import re
 
 import numpy as np
 
-from keras_lora import routing, surgery
-from keras_lora.adapter_files import collect_adapter, read_adapter
-from keras_lora.adapter_loading import plan_load
-from keras_lora.adapter_paths import SiteIndex
-from keras_lora.lora_layer import AdapterSpec, LoraLayer
+from keras_lora.files.adapter_files import collect_adapter, read_adapter
+from keras_lora.files.loading import check_meta, check_tensors, plan_load
+from keras_lora.files.paths import SiteIndex
+from keras_lora.layers import AdapterSpec, LoraLayer
+from keras_lora.model import surgery
+from keras_lora.serving import routing
+from keras_lora.serving.checks import check_adapter_values
 from keras_lora.serving.errors import UnknownAdapterError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -144,6 +146,8 @@ class AdapterBank:
                 "registered. Unregister it first, or pick another name."
             )
         meta, tensors, where = _read_source(source, adapter_name)
+        # Non-finite alphas or tensors would make every routed row NaN.
+        check_adapter_values(meta, tensors, where)
         if meta["weights"] or meta["modules_to_save"]:
             raise ValueError(
                 f"AdapterBank: {where} saves whole variables "
@@ -156,7 +160,7 @@ class AdapterBank:
         plan = plan_load(target, meta, tensors, _PLAN_NAME, where)
         too_big = [
             (path, spec["rank"])
-            for path, spec, _, _ in plan.layers
+            for path, spec, _ in plan.layers
             if spec["rank"] > self.max_rank
         ]
         if too_big:
@@ -166,8 +170,16 @@ class AdapterBank:
                 f"{self.max_rank}. Create the bank (or engine) with "
                 f"max_rank>={max(r for _, r in too_big)}."
             )
+        variants = sorted({spec["variant"] for _, spec, _ in plan.layers})
+        if variants != ["lora"]:
+            raise ValueError(
+                f"AdapterBank: {where} is a {variants} adapter; the bank "
+                "routes plain LoRA adapters. Serve it on its own model "
+                "(keras_lora.load_adapter) instead."
+            )
         layers = []
-        for path, spec, a, b in plan.layers:
+        for path, spec, values in plan.layers:
+            a, b = values["lora_a"], values["lora_b"]
             layer = self._routed_layer(target, path, prefix)
             scale = AdapterSpec(
                 rank=spec["rank"],
@@ -180,7 +192,7 @@ class AdapterBank:
         first = plan.layers[0][1]
         adapter = HostAdapter(
             name=name,
-            rank=max(spec["rank"] for _, spec, _, _ in plan.layers),
+            rank=max(spec["rank"] for _, spec, _ in plan.layers),
             alpha=first["alpha"],
             source=_describe(source),
             layers=layers,
@@ -195,7 +207,7 @@ class AdapterBank:
         slot = self._resident.pop(name, None)
         if slot is not None:
             for layer in self._layers:
-                layer._slot_weights.clear(slot)
+                layer.routed_slots.clear(slot)
             self._free.append(slot)
 
     def __contains__(self, name):
@@ -288,10 +300,10 @@ class AdapterBank:
         adapter = self._adapters[name]
         targeted = {id(layer) for layer, *_ in adapter.layers}
         for layer, a, b, scale in adapter.layers:
-            layer._slot_weights.write(slot, a, b, scale)
+            layer.routed_slots.write(slot, a, b, scale)
         for layer in self._layers:
             if id(layer) not in targeted:
-                layer._slot_weights.clear(slot)
+                layer.routed_slots.clear(slot)
         self._resident[name] = slot
         self.slot_writes += 1
 
@@ -337,11 +349,11 @@ class AdapterBank:
             layer = routing.routable_layer(layer)
             surgery.replace(site, layer)
             changed = True
-        if layer._slot_weights is None:
+        if layer.routed_slots is None:
             routing.attach(layer, self.router, self.slots, self.max_rank)
             self._layers.append(layer)
             changed = True
-        elif layer._slot_weights.router is not self.router:
+        elif layer.routed_slots.router is not self.router:
             raise ValueError(
                 f"AdapterBank: layer '{prefix}{path}' is routed by another "
                 "bank. Close that bank first."
@@ -360,16 +372,22 @@ def _read_source(source, adapter_name):
         return meta, tensors, f"adapter '{directory}'"
     if isinstance(source, tuple) and len(source) == 2:
         meta, tensors = source
-        return meta, tensors, "the given adapter"
-    if hasattr(source, "layers") or hasattr(source, "weights"):
+        where = "the given adapter"
+    elif hasattr(source, "layers") or hasattr(source, "weights"):
         name = "default" if adapter_name is None else adapter_name
         tensors, meta = collect_adapter(source, name)
-        return meta, tensors, f"adapter {name!r} of model '{source.name}'"
-    raise TypeError(
-        f"AdapterBank.register: `source` must be an adapter directory, a "
-        f"model with LoRA adapters or a (config, tensors) pair, got "
-        f"{type(source).__name__}."
-    )
+        where = f"adapter {name!r} of model '{source.name}'"
+    else:
+        raise TypeError(
+            f"AdapterBank.register: `source` must be an adapter directory, "
+            "a model with LoRA adapters or a (config, tensors) pair, got "
+            f"{type(source).__name__}."
+        )
+    # The same checks as an adapter read from files: fields, shapes and
+    # finite values, before anything is registered.
+    check_meta(meta, f"{where} (config)")
+    check_tensors(meta, tensors, f"{where} (tensors)", f"{where} (config)")
+    return meta, tensors, where
 
 
 def _describe(source):

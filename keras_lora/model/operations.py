@@ -2,9 +2,11 @@
 
 import contextlib
 
-from keras_lora import surgery
-from keras_lora.apply import _records, apply_lora, lora_layers
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.layers import LoraLayer
+from keras_lora.model import surgery
+from keras_lora.model.apply import apply_lora, lora_layers
+from keras_lora.model.records import forget_config, replace_configs
+from keras_lora.model.transaction import transaction
 
 
 def _require_lora(model, what):
@@ -19,21 +21,44 @@ def _require_lora(model, what):
 
 def merge_adapters(model, adapter_names=None):
     """Folds the active (or the named) adapters into the base kernels."""
-    for layer in _require_lora(model, "merge_adapters"):
+    layers = _require_lora(model, "merge_adapters")
+    plan = []
+    for layer in layers:
         names = adapter_names
         if names is not None:
             names = [n for n in _as_list(names) if n in layer.adapters]
-        layer.merge(names)
-    surgery.reset_compiled_functions(model)
+        if layer.merged:
+            raise ValueError(
+                f"merge_adapters: layer '{layer.name}' is already merged "
+                f"(adapters {layer.merged_adapters}). Call "
+                "keras_lora.unmerge_adapters(model) first."
+            )
+        if names is None:
+            names = layer.active_adapters
+        if names:
+            layer.check_mergeable()
+        plan.append((layer, names))
+    with transaction(model) as txn:
+        txn.protect(_kernels(layers))
+        for layer, names in plan:
+            layer.merge(names)
+        surgery.reset_compiled_functions(model)
     return model
 
 
 def unmerge_adapters(model):
     """Takes merged adapters back out of the base kernels."""
-    for layer in _require_lora(model, "unmerge_adapters"):
-        layer.unmerge()
-    surgery.reset_compiled_functions(model)
+    layers = _require_lora(model, "unmerge_adapters")
+    with transaction(model) as txn:
+        txn.protect(_kernels(layers))
+        for layer in layers:
+            layer.unmerge()
+        surgery.reset_compiled_functions(model)
     return model
+
+
+def _kernels(layers):
+    return [layer.kernel_of(layer.base_layer) for layer in layers]
 
 
 def merge_and_unload(model):
@@ -43,10 +68,17 @@ def merge_and_unload(model):
     saves and loads with plain Keras, and its outputs equal the adapted
     model's.
     """
-    for layer in _require_lora(model, "merge_and_unload"):
-        if not layer.merged:
-            layer.merge()
-    return _unwrap_all(model)
+    layers = _require_lora(model, "merge_and_unload")
+    for layer in layers:
+        if not layer.merged and layer.active_adapters:
+            layer.check_mergeable()
+    with transaction(model) as txn:
+        txn.protect(_kernels(layers))
+        for layer in layers:
+            if not layer.merged:
+                layer.merge()
+        _unwrap_all(txn, model)
+    return model
 
 
 def unload(model):
@@ -54,21 +86,24 @@ def unload(model):
 
     Merged adapters are taken out first, so outputs equal the base model's.
     """
-    for layer in _require_lora(model, "unload"):
-        layer.unmerge()
-    return _unwrap_all(model)
+    layers = _require_lora(model, "unload")
+    with transaction(model) as txn:
+        txn.protect(_kernels(layers))
+        for layer in layers:
+            layer.unmerge()
+        _unwrap_all(txn, model)
+    return model
 
 
-def _unwrap_all(model):
-    for site in [s for s in surgery.walk(model)]:
+def _unwrap_all(txn, model):
+    for site in list(surgery.walk(model)):
         layer = site.layer
         if not isinstance(layer, LoraLayer):
             continue
         base = layer.release_base_layer()
-        surgery.replace(site, base)
-    _records(model).clear()
+        txn.replace(site, base)
+    replace_configs(model, {})
     surgery.reset_compiled_functions(model)
-    return model
 
 
 @contextlib.contextmanager
@@ -102,10 +137,11 @@ def add_adapter(model, adapter_name, config):
     previous = {
         id(layer): layer.active_adapters for layer in lora_layers(model)
     }
-    apply_lora(model, config, adapter_name=adapter_name)
-    for layer in lora_layers(model):
-        if id(layer) in previous:
-            layer.set_adapter(previous[id(layer)])
+    with transaction(model):
+        apply_lora(model, config, adapter_name=adapter_name)
+        for layer in lora_layers(model):
+            if id(layer) in previous:
+                layer.set_adapter(previous[id(layer)])
     return model
 
 
@@ -123,9 +159,22 @@ def set_adapter(model, adapter_names):
             f"set_adapter: no layer of model '{model.name}' has adapter "
             f"{missing[0]!r}. Adapters: {sorted(known)}."
         )
-    for layer in layers:
-        layer.set_adapter([n for n in names if n in layer.adapters])
-    surgery.reset_compiled_functions(model)
+    merged = [
+        layer.name
+        for layer in layers
+        if layer.merged
+        and {n for n in names if n in layer.adapters}
+        != set(layer.active_adapters)
+    ]
+    if merged:
+        raise ValueError(
+            f"set_adapter: layers {merged} are merged; call "
+            "keras_lora.unmerge_adapters(model) before switching adapters."
+        )
+    with transaction(model):
+        for layer in layers:
+            layer.set_adapter([n for n in names if n in layer.adapters])
+        surgery.reset_compiled_functions(model)
     return model
 
 
@@ -141,10 +190,19 @@ def delete_adapter(model, adapter_name):
             f"delete_adapter: model '{model.name}' has no adapter "
             f"{adapter_name!r}."
         )
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
-    _records(model).pop(adapter_name, None)
-    surgery.reset_compiled_functions(model)
+    merged = [
+        layer.name for layer in layers if adapter_name in layer.merged_adapters
+    ]
+    if merged:
+        raise ValueError(
+            f"delete_adapter: adapter {adapter_name!r} is merged in layers "
+            f"{merged}; call keras_lora.unmerge_adapters(model) first."
+        )
+    with transaction(model):
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
+        forget_config(model, adapter_name)
+        surgery.reset_compiled_functions(model)
     return model
 
 

@@ -33,12 +33,13 @@ import zipfile
 
 import keras
 
-from keras_lora import _version, surgery
-from keras_lora.adapter_paths import SiteIndex
-from keras_lora.apply import _records, lora_class_for
-from keras_lora.atomic import atomic_write_file
-from keras_lora.config import LoraConfig
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.files.atomic import atomic_write_file
+from keras_lora.files.paths import SiteIndex
+from keras_lora.layers import LoraLayer, lora_class_for
+from keras_lora.model import surgery
+from keras_lora.model.config import LoraConfig
+from keras_lora.model.records import applied_configs, replace_configs
+from keras_lora.version import VERSION
 
 RECORD_NAME = "keras_lora.json"
 FORMAT = "keras_lora.model"
@@ -92,7 +93,7 @@ def save_merged_model(model, path, custom_objects=None):
     Returns:
         The file's path.
     """
-    from keras_lora.model_ops import merge_and_unload
+    from keras_lora.model.operations import merge_and_unload
 
     path = _keras_path(path, "save_merged_model")
 
@@ -188,7 +189,32 @@ class LoraModelLoader:
         # Custom objects and safe mode of the enclosing load_model apply.
         model = keras.saving.deserialize_keras_object(config["model"])
         restore_lora(model, record)
+        _compile_on_load(model)
         return model
+
+
+def _compile_on_load(model):
+    """Makes Keras's `compile_from_config` call compile `model` for real.
+
+    After `from_config`, Keras compiles the loaded model with the saved
+    compile config (unless loading with `compile=False`) and then loads the
+    optimizer's variables. For a model that overrides `compile` (every
+    keras-hub task) Keras's `compile_from_config` only warns, so the saved
+    optimizer, its state and the loss would be silently replaced by the
+    task's defaults. The override is set on this instance only and removes
+    itself once called.
+    """
+    if not hasattr(model, "compile_from_config"):
+        return
+
+    def compile_from_config(compile_config):
+        object.__delattr__(model, "compile_from_config")
+        compile_config = keras.saving.deserialize_keras_object(compile_config)
+        model.compile(**compile_config)
+        if getattr(model, "optimizer", None) is not None and model.built:
+            model.optimizer.build(model.trainable_variables)
+
+    object.__setattr__(model, "compile_from_config", compile_from_config)
 
 
 # -- the record ---------------------------------------------------------
@@ -240,8 +266,8 @@ def lora_record(model):
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "keras_lora_version": _version.__version__,
-        "adapters": {n: c.to_dict() for n, c in _records(model).items()},
+        "keras_lora_version": VERSION,
+        "adapters": {n: c.to_dict() for n, c in applied_configs(model).items()},
         "layers": layers,
         "layer_trainable": _layer_flags(index),
         "trainable": {
@@ -270,12 +296,10 @@ def restore_lora(model, record):
                     f"{type(layer).__name__}; the file has a "
                     f"{entry['class']} there."
                 )
-            first = specs[0]
             layer = lora_class.wrap(
                 layer,
-                adapter_name=first["name"],
+                adapters=specs,
                 bias_trainable=entry["bias_trainable"],
-                **{k: v for k, v in first.items() if k != "name"},
             )
             surgery.replace(site, layer)
         for spec in specs:
@@ -298,10 +322,13 @@ def restore_lora(model, record):
             layer.set_adapter(entry["active"])
         layer.adapters_enabled = entry["enabled"]
         layer.bias_trainable = entry["bias_trainable"]
-    records = _records(model)
-    records.clear()
-    for name, config in record["adapters"].items():
-        records[name] = LoraConfig.from_dict(config)
+    replace_configs(
+        model,
+        {
+            name: LoraConfig.from_dict(config)
+            for name, config in record["adapters"].items()
+        },
+    )
     index = SiteIndex(list(surgery.walk(model)))
     # Parents before children (walk order), then the variables themselves.
     flags = record.get("layer_trainable", {})
@@ -361,7 +388,7 @@ def _check_record(record, where):
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
             f"load_model: {where} was written with keras_lora model format "
-            f"{version!r}; keras_lora {_version.__version__} reads versions "
+            f"{version!r}; keras_lora {VERSION} reads versions "
             f"up to {FORMAT_VERSION}. Upgrade keras_lora."
         )
 
@@ -375,7 +402,7 @@ def _rewrite_archive(source, target, record):
         config = json.loads(zin.read(_CONFIG_NAME))
         compile_config = config.pop("compile_config", None)
         wrapped = {
-            "module": "keras_lora.model_files",
+            "module": "keras_lora.files.model_files",
             "class_name": "LoraModelLoader",
             "config": {"model": config, "keras_lora": record},
             "registered_name": "keras_lora>LoraModelLoader",

@@ -21,10 +21,12 @@ import re
 import numpy as np
 from keras import ops
 
-from keras_lora import surgery
-from keras_lora.apply import _records
-from keras_lora.config import LoraConfig
-from keras_lora.lora_layer import _ADAPTER_NAME, AdapterSpec, LoraLayer
+from keras_lora.layers import AdapterSpec, LoraLayer
+from keras_lora.layers.spec import check_adapter_name
+from keras_lora.model import surgery
+from keras_lora.model.config import LoraConfig
+from keras_lora.model.records import applied_config, record_config
+from keras_lora.model.transaction import transaction
 
 COMBINATIONS = ("cat", "linear", "svd")
 _WHAT = "add_weighted_adapter"
@@ -101,8 +103,7 @@ def add_weighted_adapter(
     plans = _plan_layers(model, adapters, adapter_name, combination, rank)
     for plan in plans:
         _compute_factors(plan, adapters, weights, combination)
-    added = []
-    try:
+    with transaction(model):
         for plan in plans:
             layer = plan.layer
             layer.add_adapter(
@@ -111,16 +112,11 @@ def add_weighted_adapter(
                 alpha=plan.rank,
                 dropout=plan.dropout,
             )
-            added.append(layer)
             a_var, b_var = layer.lora_weights(adapter_name)
             a_var.assign(plan.a.astype("float32").reshape(a_var.shape))
             b_var.assign(plan.b.astype("float32").reshape(b_var.shape))
-    except Exception:
-        for layer in added:
-            layer.delete_adapter(adapter_name)
-        raise
-    _record_config(model, adapters, adapter_name, plans)
-    surgery.reset_compiled_functions(model)
+        _record_config(model, adapters, adapter_name, plans)
+        surgery.reset_compiled_functions(model)
     return model
 
 
@@ -195,13 +191,7 @@ def _check_arguments(adapters, weights, adapter_name, combination, rank):
             raise ValueError(
                 f"{_WHAT}: `rank` must be a positive integer, got {rank!r}."
             )
-    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(
-        adapter_name
-    ):
-        raise ValueError(
-            f"{_WHAT}: invalid adapter_name {adapter_name!r}. Use letters, "
-            "digits, '_' or '-' only."
-        )
+    check_adapter_name(adapter_name, _WHAT, "adapter_name")
     return adapters, weights
 
 
@@ -259,6 +249,15 @@ def _plan_layers(model, adapters, adapter_name, combination, rank):
                 "not built yet, so its adapters have no weights. Build the "
                 "model (call it on data) first."
             )
+        for name in adapters:
+            variant = layer.adapter(name).variant
+            if not variant.combinable:
+                raise ValueError(
+                    f"{_WHAT}: adapter {name!r} at layer '{site.path}' is a "
+                    f"{variant.name!r} adapter, which cannot be combined "
+                    "linearly (its effect is not a sum of low-rank "
+                    "products). Combine plain LoRA adapters only."
+                )
         ranks = {n: layer.adapter_spec(n).rank for n in adapters}
         if combination == "cat":
             new_rank = sum(ranks[n] for n in adapters)
@@ -316,7 +315,7 @@ def _compute_factors(plan, adapters, weights, combination):
         delta = None
         for name, weight in zip(adapters, weights, strict=True):
             kernel = ops.convert_to_numpy(layer.delta_weight(name))
-            term = weight * _numpy(layer._kernel_matrix(kernel))
+            term = weight * _numpy(layer.kernel_matrix(kernel))
             delta = term if delta is None else delta + term
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
         r = plan.rank
@@ -354,8 +353,7 @@ def _record_config(model, adapters, adapter_name, plans):
     PEFT does, so `applied_configs(model)[adapter_name]` (and an adapter
     file saved from it) describes the new adapter.
     """
-    records = _records(model)
-    base = records.get(adapters[0]) or LoraConfig()
+    base = applied_config(model, adapters[0]) or LoraConfig()
     first = plans[0].rank
     pattern = {re.escape(p.path): p.rank for p in plans if p.rank != first}
     try:
@@ -375,4 +373,4 @@ def _record_config(model, adapters, adapter_name, plans):
         )
     except ValueError:  # pragma: no cover - unusual layer names
         return
-    records[adapter_name] = config
+    record_config(model, adapter_name, config)

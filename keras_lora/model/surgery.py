@@ -10,19 +10,8 @@ import dataclasses
 
 import keras
 
-from keras_lora import _keras_internals as internals
-from keras_lora.lora_layer import LoraLayer
-
-# Keras bookkeeping attributes that hold layers already reached another way.
-_SKIP_ATTRIBUTES = {
-    "_layers",
-    "_operations",
-    "_functional",
-    "_inbound_nodes",
-    "_outbound_nodes",
-    "_tracker",
-    "_self_setattr_tracking",
-}
+import keras_lora._keras_internals as internals
+from keras_lora.layers.base import LoraLayer
 
 
 @dataclasses.dataclass
@@ -50,7 +39,7 @@ def walk(model):
 
 
 def _walk(parent, prefix, seen):
-    for site in _children(parent, prefix):
+    for site in children(parent, prefix):
         if id(site.layer) in seen:
             continue
         seen.add(id(site.layer))
@@ -59,7 +48,8 @@ def _walk(parent, prefix, seen):
             yield from _walk(site.layer, site.path + "/", seen)
 
 
-def _children(parent, prefix):
+def children(parent, prefix=""):
+    """Yields a `Site` for each direct sublayer of `parent`."""
     if isinstance(parent, keras.Sequential):
         for layer in parent.layers:
             yield Site(prefix + layer.name, layer, parent, in_graph=True)
@@ -68,7 +58,7 @@ def _children(parent, prefix):
             if isinstance(layer, keras.layers.InputLayer):
                 continue
             yield Site(prefix + layer.name, layer, parent, in_graph=True)
-    for attribute, value in _attributes(parent):
+    for attribute, value in internals.attribute_items(parent):
         if isinstance(value, keras.layers.Layer):
             yield Site(prefix + value.name, value, parent, attribute)
         elif isinstance(value, (list, tuple)):
@@ -77,20 +67,6 @@ def _children(parent, prefix):
                     yield Site(
                         prefix + item.name, item, parent, attribute, index
                     )
-
-
-def _attributes(layer):
-    names = list(vars(layer))
-    # On the torch backend, sublayers live in torch's `_modules`.
-    names += [n for n in getattr(layer, "_modules", None) or {}]
-    for name in dict.fromkeys(names):
-        if name in _SKIP_ATTRIBUTES or name.startswith("__"):
-            continue
-        try:
-            value = getattr(layer, name)
-        except Exception:  # noqa: BLE001 - properties may raise; skip them
-            continue
-        yield name, value
 
 
 def replace(site, new_layer):
@@ -102,7 +78,7 @@ def replace(site, new_layer):
         else:
             internals.replace_in_functional(site.parent, old, new_layer)
         # A graph model may also keep the layer as an attribute.
-        for attribute, value in list(_attributes(site.parent)):
+        for attribute, value in list(internals.attribute_items(site.parent)):
             if value is old:
                 internals.set_sublayer(site.parent, attribute, new_layer)
             elif isinstance(value, list) and any(v is old for v in value):

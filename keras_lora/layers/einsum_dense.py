@@ -4,10 +4,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.equation import factor_equation
-from keras_lora.lora_layer import LoraLayer, matmul_trailing, split_kwargs
+from keras_lora.layers.base import LoraLayer, matmul_trailing, split_kwargs
+from keras_lora.layers.equation import factor_equation
+from keras_lora.layers.registry import register_lora_layer
 
 
+@register_lora_layer
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoraEinsumDense(LoraLayer):
     """EinsumDense with textbook LoRA on the kernel viewed as a matrix.
@@ -41,7 +43,7 @@ class LoraEinsumDense(LoraLayer):
     [(8, 2), (2, 2, 4)]
     """
 
-    base_class = keras.layers.EinsumDense
+    wraps = (keras.layers.EinsumDense,)
 
     def __init__(
         self, equation=None, output_shape=None, base_layer=None, **kwargs
@@ -79,33 +81,41 @@ class LoraEinsumDense(LoraLayer):
         if isinstance(layer, keras.layers.EinsumDense):
             factor_equation(layer.equation, layer.name)
 
+    @classmethod
+    def adapter_shapes_for(cls, base_layer, rank):
+        factors = factor_equation(base_layer.equation, base_layer.name)
+        a_shape, b_shape = factors.adapter_shapes(
+            cls.kernel_shape_of(base_layer), rank
+        )
+        return tuple(a_shape), tuple(b_shape)
+
+    @classmethod
+    def describe(cls, base_layer):
+        return {**super().describe(base_layer), "equation": base_layer.equation}
+
     @property
     def equation(self):
         return self.base_layer.equation
 
-    def _adapter_shapes(self, rank):
-        kernel_shape = tuple(self.base_layer.kernel.shape)
-        return self.factorization.adapter_shapes(kernel_shape, rank)
-
-    def _down(self, x, a):
+    def project_down(self, x, a):
         f = self.factorization
         if f.flat:
             return matmul_trailing(x, a, len(f.contracted))  # (..., r)
         return ops.einsum(f.down, x, a)
 
-    def _up(self, hidden, b):
+    def project_up(self, hidden, b):
         f = self.factorization
         if f.flat:
             return matmul_trailing(hidden, b)
         return ops.einsum(f.up, hidden, b)
 
-    def _delta(self, a, b):
+    def kernel_delta(self, a, b):
         return ops.einsum(self.factorization.delta, a, b)  # kernel-shaped
 
-    def _routing_equations(self):
+    def routing_equations(self):
         return self.factorization.down, self.factorization.up
 
-    def _kernel_matrix(self, kernel):
+    def kernel_matrix(self, kernel):
         f = self.factorization
         letters = f.equation.split(",")[1].split("->")[0]
         order = [letters.index(c) for c in f.contracted + f.outputs]

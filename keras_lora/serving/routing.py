@@ -53,7 +53,8 @@ from keras_lora._keras_internals import (
     unlocked_tracker,
     untrack_variable,
 )
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.layers import LoraLayer, lora_class_for, supported_layer_types
+from keras_lora.layers.base import variable_scopes_of
 
 
 class Router:
@@ -165,12 +166,12 @@ class SlotWeights:
         self.router = router
         self.slots = int(slots)
         self.max_rank = int(max_rank)
-        down, up = layer._routing_equations()
+        down, up = layer.routing_equations()
         self.down = batched_equation(down, layer.name)
         self.up = batched_equation(up, layer.name)
-        self.a_shape, self.b_shape = layer._adapter_shapes(self.max_rank)
+        self.a_shape, self.b_shape = layer.adapter_shapes(self.max_rank)
         rows = self.slots + 1  # the last slot stays zero: routed by -1
-        with unlocked_tracker(layer), _scopes_of(layer):
+        with unlocked_tracker(layer), variable_scopes_of(layer.base_layer):
             self.a = layer.add_weight(
                 name="lora_a_slots",
                 shape=(rows,) + tuple(self.a_shape),
@@ -271,10 +272,11 @@ def attach(layer, router, slots, max_rank):
             f"attach: layer '{getattr(layer, 'name', layer)}' is a "
             f"{type(layer).__name__}, not a keras_lora LoRA layer."
         )
-    if layer._slot_weights is not None:
+    if layer.routed_slots is not None:
         raise ValueError(
             f"Layer '{layer.name}' already has routed slots (of another "
-            "bank?). Detach them first: keras_lora.routing.detach(layer)."
+            "bank?). Detach them first: "
+            "keras_lora.serving.routing.detach(layer)."
         )
     if not layer.built:
         raise ValueError(
@@ -287,18 +289,18 @@ def attach(layer, router, slots, max_rank):
                 f"attach: `{what}` must be a positive integer, got {value!r}."
             )
     weights = SlotWeights(layer, router, slots, max_rank)
-    layer._slot_weights = weights
+    layer.attach_routed_slots(weights)
     return weights
 
 
 def detach(layer):
     """Removes `layer`'s routed slots and their variables."""
-    weights = layer._slot_weights
+    weights = layer.routed_slots
     if weights is None:
         return
     for variable in weights.variables + [weights.router.ids]:
         untrack_variable(layer, variable)
-    layer._slot_weights = None
+    layer.attach_routed_slots(None)
 
 
 def routable_layer(layer):
@@ -308,29 +310,19 @@ def routable_layer(layer):
     wrapper shares the built layer's variables and computes exactly what
     it computed.
     """
-    from keras_lora.apply import lora_class_for
-
     if isinstance(layer, LoraLayer):
         return layer
     cls = lora_class_for(layer)
     if cls is None:
         raise TypeError(
             f"Layer '{layer.name}' is a {type(layer).__name__}; adapters can "
-            "be routed through Dense and EinsumDense layers only."
+            f"be routed through {', '.join(supported_layer_types())} layers "
+            "only."
         )
-    cls._check_wrappable(layer)
+    cls.check_wrappable(layer)
     wrapper = cls(base_layer=layer, name=layer.name, adapters=[])
     wrapper.build((layer.get_build_config() or {}).get("input_shape"))
     return wrapper
-
-
-def _scopes_of(layer):
-    """Name scopes that make `layer`'s new variables' paths read like its
-    kernel's (`block/query/lora_a_slots`)."""
-    stack = contextlib.ExitStack()
-    for scope in layer.base_layer.kernel.path.split("/")[:-2]:
-        stack.enter_context(keras.name_scope(scope))
-    return stack
 
 
 def _is_positive_int(value):

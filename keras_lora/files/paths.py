@@ -3,8 +3,9 @@
 `SiteIndex` indexes a model's layers by their `surgery.walk` path (and
 matches paths saved from another copy of the model); the helpers here
 select the layers and variables an adapter saves (`modules_to_save`,
-biases) and give the kind, kernel shape and A/B shapes of a layer.
-Shared by `adapter_files`, `adapter_loading` and `model_files`.
+biases). What a layer type is (its kind, kernel and adapter shapes) is
+asked of its LoRA class (`lora_class_of`). Shared by `adapter_files`,
+`loading` and `model_files`.
 """
 
 import difflib
@@ -12,14 +13,21 @@ import re
 
 import keras
 
-from keras_lora.config import path_matches
-from keras_lora.equation import factor_equation
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.layers import LoraLayer, lora_class_for
+from keras_lora.model.matching import matches
 
 
-def anchored(path):
-    """A `LoraConfig` pattern that matches exactly `path`, nothing else."""
-    return "^" + re.escape(path) + "$"
+def lora_class_of(layer):
+    """The LoRA class that owns `layer` (a LoRA layer or a base layer), or
+    None if no registered class wraps its type."""
+    if isinstance(layer, LoraLayer):
+        return type(layer)
+    return lora_class_for(layer)
+
+
+def base_of(layer):
+    """The base layer of a LoRA layer, or `layer` itself."""
+    return layer.base_layer if isinstance(layer, LoraLayer) else layer
 
 
 class SiteIndex:
@@ -152,7 +160,7 @@ def modules_to_save_sites(index, patterns):
     matched = [
         s
         for s in index.sites
-        if not isinstance(s.layer, LoraLayer) and _matches(patterns, s.path)
+        if not isinstance(s.layer, LoraLayer) and matches(patterns, s.path)
     ]
     outer = []
     for site in matched:
@@ -179,17 +187,6 @@ def bias_variables(index, bias, layer_sites):
     return result
 
 
-def _matches(patterns, path):
-    # As in apply.py: a string is a regex on the whole path; a list holds
-    # names, path suffixes or regexes.
-    if isinstance(patterns, str):
-        try:
-            return re.fullmatch(patterns, path) is not None
-        except re.error:
-            return False
-    return any(path_matches(p, path) for p in patterns)
-
-
 def check_unique_paths(sites, where):
     seen = {}
     for site in sites:
@@ -200,37 +197,3 @@ def check_unique_paths(sites, where):
                 "names."
             )
         seen[site.path] = site.layer
-
-
-def base_kind(layer):
-    if isinstance(layer, keras.layers.EinsumDense):
-        return "EinsumDense"
-    if isinstance(layer, keras.layers.Dense):
-        return "Dense"
-    return type(layer).__name__
-
-
-def kernel_shape_of(layer):
-    kernel = getattr(layer, "kernel", None)
-    if kernel is None:
-        return None
-    return tuple(int(d) for d in kernel.shape)
-
-
-def expected_shapes(layer, rank):
-    """`(a_shape, b_shape)` for `layer` (wrapped or not) at `rank`."""
-    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-    kernel_shape = kernel_shape_of(base)
-    if isinstance(base, keras.layers.EinsumDense):
-        factors = factor_equation(base.equation, base.name)
-        a_shape, b_shape = factors.adapter_shapes(kernel_shape, rank)
-        return tuple(a_shape), tuple(b_shape)
-    if isinstance(base, keras.layers.Dense):
-        return (kernel_shape[0], rank), (rank, kernel_shape[1])
-    if isinstance(layer, LoraLayer):
-        a_shape, b_shape = layer._adapter_shapes(rank)
-        return tuple(a_shape), tuple(b_shape)
-    raise ValueError(
-        f"Layer '{layer.name}' ({type(layer).__name__}) cannot hold a LoRA "
-        "adapter."
-    )

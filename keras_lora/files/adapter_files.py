@@ -6,14 +6,16 @@ A saved adapter is a directory, as in PEFT:
         adapter_config.json          what was adapted, how, for which base
         adapter_model.safetensors    the tensors (safetensors, never pickle)
 
-Tensor keys use the stable layer path of `keras_lora.surgery.walk`: layer
+Tensor keys use the stable layer path of `keras_lora.model.surgery.walk`: layer
 names joined by `/` from the model down, without the model's own name
 (`"transformer_layer_0/self_attention/query"` in a keras-hub GPT-2, `"fc1"`
 in a Sequential). Two kinds of keys:
 
-    "{path}.lora_a"    A of the adapter at `path`: float32, shape
-                       `(contracted..., r)`, exactly as the layer stores it.
-    "{path}.lora_b"    B: float32, shape `(r, outputs...)`.
+    "{path}.{tensor}"  a tensor of the adapter at `path`, float32, exactly
+                       as the layer stores it; which tensors, is the
+                       adapter variant's business. Plain LoRA has
+                       "{path}.lora_a" (A, shape `(contracted..., r)`) and
+                       "{path}.lora_b" (B, shape `(r, outputs...)`).
     "{path}/{name}"    a whole variable saved with the adapter, keyed by the
                        path of the layer that owns it and the variable's
                        name: the variables of `modules_to_save` layers
@@ -28,8 +30,9 @@ their layers.
 
 `adapter_config.json` holds the format version, the keras_lora version, the
 adapter name, the `LoraConfig` (the one `apply_lora` recorded, or one
-rebuilt from the layers), per-layer specs (rank, alpha, dropout, rsLoRA,
-LoRA class, base class and kernel shape, A/B shapes), the entries of the
+rebuilt from the layers), per-layer specs (variant, rank, alpha, dropout,
+rsLoRA, the LoRA class's description of the base layer (base class, kernel
+shape, equation), the shape of every tensor), the entries of the
 whole-variable keys, a description of the base model (class, name, kernel
 shape of every adapted layer) and the sha256 of the safetensors file.
 
@@ -43,37 +46,42 @@ import hashlib
 import json
 import os
 import re
-import warnings
 
 import keras
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_lora import _version, surgery
-from keras_lora.adapter_loading import (
+from keras_lora.files.atomic import (
+    OLD_TAG,
+    atomic_write_dir,
+    fsync_file,
+    leftovers,
+)
+from keras_lora.files.loading import (
     FORMAT,
     FORMAT_VERSION,
+    adapter_names_in,
     check_meta,
     check_tensors,
+    execute_load_plan,
     plan_load,
 )
-from keras_lora.adapter_paths import (
+from keras_lora.files.paths import (
     SiteIndex,
-    base_kind,
     bias_variables,
     check_unique_paths,
-    kernel_shape_of,
     modules_to_save_sites,
 )
-from keras_lora.apply import _records, apply_lora
-from keras_lora.atomic import OLD_TAG, atomic_write_dir, fsync_file, leftovers
-from keras_lora.config import LoraConfig
-from keras_lora.lora_layer import LoraLayer
+from keras_lora.layers import LoraLayer
+from keras_lora.layers.spec import check_adapter_name
+from keras_lora.model import surgery
+from keras_lora.model.config import LoraConfig
+from keras_lora.model.records import applied_config, check_portable
+from keras_lora.version import VERSION
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 # -- saving -------------------------------------------------------------------
@@ -144,14 +152,7 @@ def collect_adapter(model, adapter_name):
         if isinstance(s.layer, LoraLayer) and adapter_name in s.layer.adapters
     ]
     if not layer_sites:
-        known = sorted(
-            {
-                n
-                for s in sites
-                if isinstance(s.layer, LoraLayer)
-                for n in s.layer.adapters
-            }
-        )
+        known = sorted(adapter_names_in(model))
         raise ValueError(
             f"save_adapter: model '{model.name}' has no adapter named "
             f"{adapter_name!r}. Its adapters are: {known or 'none'} "
@@ -165,41 +166,36 @@ def collect_adapter(model, adapter_name):
             f"{adapter_name!r} has no weights. Call the model on data once "
             "first."
         )
-    recorded = _records(model).get(adapter_name)
-    if recorded is not None and recorded.init == "pissa":
-        raise ValueError(
-            f"save_adapter: adapter {adapter_name!r} was PiSSA-initialised "
-            "(init='pissa'). PiSSA moves the adapter's share of the weights "
-            "out of the base kernel, so an adapter file alone cannot "
-            "restore the model on a fresh base. Save the whole model "
-            "instead (keras_lora.save_model or model.save)."
-        )
+    recorded = applied_config(model, adapter_name)
+    check_portable(
+        model,
+        adapter_name,
+        "save_adapter",
+        "Save the whole model instead (keras_lora.save_model or model.save)",
+    )
 
     tensors = {}
     layers = {}
     kernel_shapes = {}
     for site in layer_sites:
         layer = site.layer
-        spec = layer.adapter_spec(adapter_name)
-        a, b = layer.lora_weights(adapter_name)
-        a = _to_numpy(a).astype("float32")
-        b = _to_numpy(b).astype("float32")
-        tensors[f"{site.path}.lora_a"] = a
-        tensors[f"{site.path}.lora_b"] = b
-        base = layer.base_layer
-        kernel_shape = list(kernel_shape_of(base) or ())
-        kernel_shapes[site.path] = kernel_shape
+        adapter = layer.adapter(adapter_name)
+        spec = adapter.spec
+        shapes = {}
+        for tensor, variable in adapter.variables.items():
+            value = _to_numpy(variable).astype("float32")
+            tensors[f"{site.path}.{tensor}"] = value
+            shapes[tensor] = list(value.shape)
+        description = layer.describe(layer.base_layer)
+        kernel_shapes[site.path] = description["kernel_shape"]
         layers[site.path] = {
-            "lora_class": type(layer).__name__,
-            "base_class": base_kind(base),
-            "equation": getattr(base, "equation", None),
-            "kernel_shape": kernel_shape,
+            **description,
+            "variant": spec.variant,
             "rank": spec.rank,
             "alpha": spec.alpha,
             "dropout": spec.dropout,
             "use_rslora": spec.use_rslora,
-            "lora_a_shape": list(a.shape),
-            "lora_b_shape": list(b.shape),
+            "tensors": shapes,
         }
 
     config = recorded
@@ -240,7 +236,7 @@ def collect_adapter(model, adapter_name):
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "keras_lora_version": _version.__version__,
+        "keras_lora_version": VERSION,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
         "adapter_name": adapter_name,
@@ -324,11 +320,7 @@ def load_adapter(model, directory, adapter_name=None, is_trainable=True):
     directory = os.path.abspath(os.fspath(directory))
     meta, tensors = read_adapter(directory)
     name = meta["adapter_name"] if adapter_name is None else adapter_name
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-        raise ValueError(
-            f"load_adapter: invalid adapter name {name!r}. Use letters, "
-            "digits, '_' or '-' only."
-        )
+    check_adapter_name(name, "load_adapter")
     plan = plan_load(model, meta, tensors, name, directory)
     execute_load_plan(model, plan, name, is_trainable)
     return model
@@ -392,103 +384,6 @@ def read_adapter(directory):
         ) from None
     check_tensors(meta, tensors, weights_path, config_path)
     return meta, tensors
-
-
-def execute_load_plan(model, plan, name, is_trainable):
-    """Applies a plan checked by `plan_load`; undoes it all if anything fails.
-
-    Shared by `load_adapter` and `import_peft`.
-    """
-    lora_before = [
-        s.layer for s in surgery.walk(model) if isinstance(s.layer, LoraLayer)
-    ]
-    had_adapters = any(layer.adapters for layer in lora_before)
-    lora_before = {id(layer) for layer in lora_before}
-    state = _TrainableState(model)
-    old_extras = [(v, _to_numpy(v).copy()) for _, v, _ in plan.extras]
-    try:
-        apply_lora(model, plan.config, adapter_name=name)
-        index = SiteIndex(list(surgery.walk(model)))
-        loaded = []
-        fresh = []
-        for path, spec, a, b in plan.layers:
-            layer = index.site(path, "load_adapter").layer
-            a_var, b_var = layer.lora_weights(name)
-            a_var.assign(a)
-            b_var.assign(b)
-            adapter = layer.adapter_spec(name)
-            adapter.alpha = spec["alpha"]
-            adapter.dropout = spec["dropout"]
-            adapter.use_rslora = bool(spec.get("use_rslora", False))
-            loaded += [a_var, b_var]
-            if id(layer) not in lora_before:
-                fresh.append(layer)
-        for _, variable, value in plan.extras:
-            variable.assign(keras.ops.cast(value, variable.dtype))
-        if had_adapters:
-            # Loading an adapter changes neither what runs nor what trains
-            # of what was there (apply_lora re-freezes other adapters'
-            # modules_to_save); only the new adapter's state is set below.
-            frozen_bases = {
-                id(w) for layer in fresh for w in layer.base_layer.weights
-            }
-            state.restore(model, skip=frozen_bases)
-            for layer in fresh:
-                layer.set_adapter([])
-            if plan.module_paths:
-                warnings.warn(
-                    f"load_adapter: adapter {name!r} saves whole layers "
-                    f"(modules_to_save {plan.module_paths}); they are shared "
-                    "by every adapter of the model and now hold this "
-                    "adapter's values.",
-                    stacklevel=3,
-                )
-        for path in plan.module_paths:
-            index.site(path, "load_adapter").layer.trainable = is_trainable
-        for variable in loaded + [v for _, v, _ in plan.extras]:
-            variable.trainable = bool(is_trainable)
-        surgery.reset_compiled_functions(model)
-    except BaseException:
-        _rollback(model, name, lora_before, state, old_extras)
-        raise
-
-
-def _rollback(model, name, lora_before, state, old_extras):
-    try:
-        for site in list(surgery.walk(model)):
-            layer = site.layer
-            if not isinstance(layer, LoraLayer) or name not in layer.adapters:
-                continue
-            if id(layer) in lora_before:
-                layer.delete_adapter(name)
-            else:
-                surgery.replace(site, layer.release_base_layer())
-        _records(model).pop(name, None)
-        for variable, value in old_extras:
-            variable.assign(value)
-        state.restore(model)
-        surgery.reset_compiled_functions(model)
-    except Exception:  # noqa: BLE001 - never hide the original error
-        pass
-
-
-class _TrainableState:
-    """Layer and variable `trainable` flags of a model, to put back."""
-
-    def __init__(self, model):
-        self.layers = [
-            (s.layer, s.layer.trainable) for s in surgery.walk(model)
-        ]
-        self.variables = [(v, v.trainable) for v in model.weights]
-
-    def restore(self, model, skip=()):
-        present = {id(s.layer) for s in surgery.walk(model)}
-        for layer, flag in self.layers:
-            if id(layer) in present and layer.trainable != flag:
-                layer.trainable = flag
-        for variable, flag in self.variables:
-            if id(variable) not in skip:
-                variable.trainable = flag
 
 
 def _to_numpy(variable):

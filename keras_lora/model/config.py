@@ -4,6 +4,15 @@ import dataclasses
 import json
 import re
 
+from keras_lora.layers.spec import (
+    check_alpha,
+    check_dropout,
+    check_flag,
+    check_rank,
+    is_int,
+)
+from keras_lora.model.matching import lookup
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("default", "gaussian", "pissa")
 # Block-container names tried by `layers_to_transform` when no
@@ -68,7 +77,7 @@ class LoraConfig:
     init: str = "default"
 
     def __post_init__(self):
-        if self.alpha is None and _is_int(self.rank):
+        if self.alpha is None and is_int(self.rank):
             self.alpha = self.rank
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
@@ -86,25 +95,15 @@ class LoraConfig:
 
     def validate(self):
         """Raises `ValueError` naming the bad field and the fix."""
-        if not _is_int(self.rank) or self.rank <= 0:
-            raise ValueError(
-                f"LoraConfig.rank must be a positive integer, got "
-                f"{self.rank!r}."
-            )
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            raise ValueError(
-                f"LoraConfig.alpha must be a positive number, got "
-                f"{self.alpha!r}."
-            )
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            raise ValueError(
-                f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}."
-            )
-        for field in ("target_modules", "exclude_modules"):
+        check_rank(self.rank, "LoraConfig.rank")
+        check_alpha(self.alpha, "LoraConfig.alpha")
+        check_dropout(self.dropout, "LoraConfig.dropout")
+        for field in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, field)
-            if value is None or isinstance(value, str):
-                if isinstance(value, str):
-                    _check_regex(field, value)
+            if value is None:
+                continue
+            if isinstance(value, str) and field != "modules_to_save":
+                _check_regex(field, value)
                 continue
             if not isinstance(value, list) or not all(
                 isinstance(v, str) for v in value
@@ -113,6 +112,8 @@ class LoraConfig:
                     f"LoraConfig.{field} must be None, a regex string or a "
                     f"list of names, got {value!r}."
                 )
+            for pattern in value:
+                _check_regex(field, pattern)
             if field == "target_modules" and not value:
                 raise ValueError(
                     "LoraConfig.target_modules is an empty list: name at "
@@ -120,8 +121,8 @@ class LoraConfig:
                     "(attention query/value)."
                 )
         for field, check in (
-            ("rank_pattern", lambda v: _is_int(v) and v > 0),
-            ("alpha_pattern", lambda v: _is_number(v) and v > 0),
+            ("rank_pattern", check_rank),
+            ("alpha_pattern", check_alpha),
         ):
             mapping = getattr(self, field)
             if not isinstance(mapping, dict):
@@ -129,22 +130,27 @@ class LoraConfig:
                     f"LoraConfig.{field} must be a dict, got {mapping!r}."
                 )
             for pattern, value in mapping.items():
-                _check_regex(field, pattern)
-                if not check(value):
+                if not isinstance(pattern, str):
                     raise ValueError(
-                        f"LoraConfig.{field}[{pattern!r}] must be a positive "
-                        f"{'integer' if field == 'rank_pattern' else 'number'}"
-                        f", got {value!r}."
+                        f"LoraConfig.{field} keys must be strings (layer "
+                        f"names or regexes), got {pattern!r}."
                     )
+                _check_regex(field, pattern)
+                check(value, f"LoraConfig.{field}[{pattern!r}]")
         if self.layers_to_transform is not None and (
             not isinstance(self.layers_to_transform, list)
-            or not all(_is_int(i) and i >= 0 for i in self.layers_to_transform)
+            or not all(is_int(i) and i >= 0 for i in self.layers_to_transform)
         ):
             raise ValueError(
                 "LoraConfig.layers_to_transform must be a non-negative int "
                 f"or a list of them, got {self.layers_to_transform!r}."
             )
         if self.layers_pattern is not None:
+            if not isinstance(self.layers_pattern, str):
+                raise ValueError(
+                    "LoraConfig.layers_pattern must be a regex string, got "
+                    f"{self.layers_pattern!r}."
+                )
             _check_regex("layers_pattern", self.layers_pattern)
         if self.bias not in BIAS_MODES:
             raise ValueError(
@@ -156,19 +162,15 @@ class LoraConfig:
                 f"LoraConfig.init must be one of {INIT_MODES}, got "
                 f"{self.init!r}."
             )
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(
-                "LoraConfig.use_rslora must be True or False, got "
-                f"{self.use_rslora!r}."
-            )
+        check_flag(self.use_rslora, "LoraConfig.use_rslora")
 
     # -- per-layer values ------------------------------------------------
 
     def rank_for(self, path):
-        return _lookup(self.rank_pattern, path, self.rank)
+        return lookup(self.rank_pattern, path, self.rank)
 
     def alpha_for(self, path):
-        return _lookup(self.alpha_pattern, path, self.alpha)
+        return lookup(self.alpha_pattern, path, self.alpha)
 
     # -- JSON ----------------------------------------------------------------
 
@@ -177,6 +179,11 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise ValueError(
+                "LoraConfig.from_dict expects a JSON object (a dict of "
+                f"LoraConfig fields), got {type(data).__name__} {data!r:.80}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -191,24 +198,13 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, text):
-        return cls.from_dict(json.loads(text))
-
-
-def path_matches(pattern, path):
-    """True if `pattern` is `path`, a `/`-suffix of it, or a regex on it."""
-    if path == pattern or path.endswith("/" + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, path) is not None
-    except re.error:
-        return False
-
-
-def _lookup(mapping, path, default):
-    for pattern, value in mapping.items():
-        if path_matches(pattern, path):
-            return value
-    return default
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as error:
+            raise ValueError(
+                f"LoraConfig.from_json: not valid JSON ({error})."
+            ) from None
+        return cls.from_dict(data)
 
 
 def _check_regex(field, pattern):
@@ -219,11 +215,3 @@ def _check_regex(field, pattern):
             f"LoraConfig.{field}: {pattern!r} is not a valid regular "
             f"expression ({error})."
         ) from None
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,37 +1,31 @@
 """`apply_lora`: put LoRA layers into a whole model, in place."""
 
 import difflib
+import math
 import re
+import warnings
 
 import keras
 
-from keras_lora import surgery
-from keras_lora.config import DEFAULT_LAYERS_PATTERNS, LoraConfig, path_matches
-from keras_lora.dense import LoraDense
-from keras_lora.einsum_dense import LoraEinsumDense
-from keras_lora.lora_layer import LoraLayer
+import keras_lora._keras_internals as internals
+from keras_lora.layers import LoraLayer, lora_class_for, supported_layer_types
+from keras_lora.layers.spec import check_adapter_name
+from keras_lora.model import surgery
+from keras_lora.model.config import DEFAULT_LAYERS_PATTERNS, LoraConfig
+from keras_lora.model.matching import matches
+from keras_lora.model.records import applied_configs, record_config
+from keras_lora.model.transaction import transaction
 
-# Dispatch: which LoRA class wraps which Keras layer type.
-LORA_CLASSES = {
-    keras.layers.EinsumDense: LoraEinsumDense,
-    keras.layers.Dense: LoraDense,
-}
+# MultiHeadAttention's query/value projections: the default targets.
 _DEFAULT_ATTRIBUTES = ("_query_dense", "_value_dense")
-
-
-def lora_class_for(layer):
-    """The LoRA class for `layer`'s type, or None if unsupported."""
-    for base_class, lora_class in LORA_CLASSES.items():
-        if isinstance(layer, base_class):
-            return lora_class
-    return None
 
 
 def apply_lora(model, config=None, adapter_name="default"):
     """Adds LoRA adapter `adapter_name` to the layers `config` targets.
 
-    In place: matching `Dense`/`EinsumDense` layers are swapped for
-    `LoraDense`/`LoraEinsumDense` sharing their weights; layers that are
+    In place: matching layers (`Dense`, `EinsumDense`, ...: every type
+    with a registered LoRA class) are swapped for their LoRA class
+    (`LoraDense`, `LoraEinsumDense`, ...) sharing their weights; layers that are
     already LoRA layers get a new named adapter. Everything else is frozen
     (except biases per `config.bias` and `config.modules_to_save`).
     Call `model.compile(...)` afterwards, as after any change of what trains.
@@ -62,25 +56,75 @@ def apply_lora(model, config=None, adapter_name="default"):
             f"apply_lora: `config` must be a keras_lora.LoraConfig, got "
             f"{type(config).__name__}."
         )
+    check_adapter_name(adapter_name, "apply_lora")
+    config.validate()  # fields may have been changed after construction
     sites = list(surgery.walk(model))
     targets = find_targets(model, config, sites)
     for site in targets:
-        layer = site.layer
-        if isinstance(layer, LoraLayer) and adapter_name in layer.adapters:
-            raise ValueError(
-                f"Layer '{site.path}' already has an adapter named "
-                f"'{adapter_name}'. Choose another `adapter_name`, or "
-                "`delete_adapter` first."
+        _check_target(site, config, adapter_name)
+    with transaction(model) as txn:
+        if config.init == "pissa":
+            txn.protect(
+                _lora_class(s.layer).kernel_of(_base(s.layer)) for s in targets
             )
-        if not isinstance(layer, LoraLayer):
-            lora_class_for(layer).check_factorable(layer)
-    for site in targets:
-        _adapt(site, config, adapter_name)
-    freeze_non_lora(model, config)
-    record = _records(model)
-    record[adapter_name] = config
-    surgery.reset_compiled_functions(model)
+        for site in targets:
+            _adapt(txn, site, config, adapter_name)
+        freeze_non_lora(model, config)
+        record_config(model, adapter_name, config)
+        surgery.reset_compiled_functions(model)
     return model
+
+
+def _check_target(site, config, adapter_name):
+    """Raises if `site` cannot take the adapter; changes nothing."""
+    layer = site.layer
+    if isinstance(layer, LoraLayer) and adapter_name in layer.adapters:
+        raise ValueError(
+            f"Layer '{site.path}' already has an adapter named "
+            f"'{adapter_name}'. Choose another `adapter_name`, or "
+            "`delete_adapter` first."
+        )
+    cls = _lora_class(layer)
+    base = _base(layer)
+    if not isinstance(layer, LoraLayer):
+        cls.check_wrappable(base, require_built=False)
+    if not base.built:
+        if config.init == "pissa":
+            raise ValueError(
+                f"apply_lora: layer '{site.path}' is not built, so "
+                "init='pissa' has no kernel to decompose. Build the model "
+                "first (call it on data)."
+            )
+        return
+    rank = config.rank_for(site.path)
+    a_shape, b_shape = cls.adapter_shapes_for(base, rank)
+    rows, cols = math.prod(a_shape[:-1]), math.prod(b_shape[1:])
+    if config.init == "pissa":
+        if rank > min(rows, cols):
+            raise ValueError(
+                f"apply_lora: init='pissa' needs rank <= {min(rows, cols)} "
+                f"at layer '{site.path}' (its kernel is a {rows}x{cols} "
+                f"matrix), got rank {rank}. Lower the rank there "
+                "(rank_pattern) or exclude the layer."
+            )
+        cls.check_mergeable_kernel(base, site.path)
+    elif rank > min(rows, cols):
+        warnings.warn(
+            f"apply_lora: rank {rank} at layer '{site.path}' exceeds the "
+            f"rank a {rows}x{cols} kernel can have ({min(rows, cols)}); "
+            "the extra rank adds parameters but no expressiveness.",
+            stacklevel=3,
+        )
+
+
+def _lora_class(layer):
+    return (
+        type(layer) if isinstance(layer, LoraLayer) else lora_class_for(layer)
+    )
+
+
+def _base(layer):
+    return layer.base_layer if isinstance(layer, LoraLayer) else layer
 
 
 def find_targets(model, config, sites=None):
@@ -94,7 +138,7 @@ def find_targets(model, config, sites=None):
     matched = [s for s in candidates if _is_target(s, config)]
     if config.exclude_modules is not None:
         matched = [
-            s for s in matched if not _matches(config.exclude_modules, s)
+            s for s in matched if not matches(config.exclude_modules, s.path)
         ]
     if config.layers_to_transform is not None:
         matched = [
@@ -116,27 +160,16 @@ def _is_target(site, config):
             and site.attribute in _DEFAULT_ATTRIBUTES
         )
     if targets == "all-linear":
-        return not _is_output_layer(site)
-    return _matches(targets, site)
+        return _category(site.layer) == "linear" and not _is_output_layer(site)
+    return matches(targets, site.path)
 
 
-def _matches(patterns, site):
-    if isinstance(patterns, str):
-        try:
-            return re.fullmatch(patterns, site.path) is not None
-        except re.error:
-            return False
-    return any(path_matches(p, site.path) for p in patterns)
+def _category(layer):
+    return _lora_class(layer).category
 
 
 def _is_output_layer(site):
-    parent = site.parent
-    if not site.in_graph:
-        return False
-    outputs = getattr(parent, "outputs", None) or []
-    return any(
-        getattr(t, "_keras_history", (None,))[0] is site.layer for t in outputs
-    )
+    return site.in_graph and internals.is_model_output(site.parent, site.layer)
 
 
 def _block_index(path, layers_pattern):
@@ -172,12 +205,13 @@ def _no_match_message(model, config, sites):
     if config.layers_to_transform is not None:
         extra = f" (restricted to blocks {config.layers_to_transform})"
     return (
-        f"apply_lora: no Dense/EinsumDense layer in model '{model.name}' "
+        f"apply_lora: no {'/'.join(supported_layer_types())} layer in model "
+        f"'{model.name}' "
         f"matches {what}{extra}. {hint} Closest layer names: {close}."
     )
 
 
-def _adapt(site, config, adapter_name):
+def _adapt(txn, site, config, adapter_name):
     rank = config.rank_for(site.path)
     alpha = config.alpha_for(site.path)
     kwargs = dict(
@@ -201,7 +235,7 @@ def _adapt(site, config, adapter_name):
             bias_trainable=config.bias == "lora_only",
             **kwargs,
         )
-        surgery.replace(site, lora)
+        txn.replace(site, lora)
     if config.init == "pissa":
         lora.pissa_init(adapter_name)
 
@@ -210,7 +244,7 @@ def freeze_non_lora(model, config):
     """Freezes every layer that is not LoRA or in `modules_to_save`."""
     # Modules saved by any adapter applied so far stay trainable.
     saved = list(config.modules_to_save or [])
-    for earlier in _records(model).values():
+    for earlier in applied_configs(model).values():
         saved += [m for m in earlier.modules_to_save or [] if m not in saved]
     for site in surgery.walk(model):
         layer = site.layer
@@ -218,7 +252,7 @@ def freeze_non_lora(model, config):
             layer.trainable = True
             layer.apply_freeze()
             continue
-        if saved and _matches(saved, site):
+        if saved and matches(saved, site.path):
             layer.trainable = True
             continue
         if _owns_variables(layer):
@@ -240,7 +274,7 @@ def freeze_non_lora(model, config):
 
 def _owns_variables(layer):
     children = set()
-    for site in surgery._children(layer, ""):
+    for site in surgery.children(layer):
         children.update(id(w) for w in site.layer.weights)
     return any(id(w) not in children for w in layer.weights)
 
@@ -250,17 +284,3 @@ def lora_layers(model):
     return [
         s.layer for s in surgery.walk(model) if isinstance(s.layer, LoraLayer)
     ]
-
-
-def _records(model):
-    """The configs applied to `model`, by adapter name (kept off-tracker)."""
-    record = getattr(model, "_keras_lora_configs", None)
-    if record is None:
-        record = {}
-        object.__setattr__(model, "_keras_lora_configs", record)
-    return record
-
-
-def applied_configs(model):
-    """`{adapter_name: LoraConfig}` applied to `model` by `apply_lora`."""
-    return dict(_records(model))

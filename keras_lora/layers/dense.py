@@ -3,9 +3,11 @@
 import keras
 from keras import ops
 
-from keras_lora.lora_layer import LoraLayer, matmul_trailing, split_kwargs
+from keras_lora.layers.base import LoraLayer, matmul_trailing, split_kwargs
+from keras_lora.layers.registry import register_lora_layer
 
 
+@register_lora_layer
 @keras.saving.register_keras_serializable(package="keras_lora")
 class LoraDense(LoraLayer):
     """Dense layer with textbook LoRA: `y = act(xW + b + s * (x @ A) @ B)`.
@@ -43,7 +45,7 @@ class LoraDense(LoraLayer):
     ['lora_a_default', 'lora_b_default']
     """
 
-    base_class = keras.layers.Dense
+    wraps = (keras.layers.Dense,)
 
     def __init__(self, units=None, base_layer=None, **kwargs):
         wrapper_kwargs, dense_kwargs = split_kwargs(kwargs)
@@ -71,18 +73,19 @@ class LoraDense(LoraLayer):
     def units(self):
         return self.base_layer.units
 
-    def _adapter_shapes(self, rank):
-        input_dim, units = self.base_layer.kernel.shape
+    @classmethod
+    def adapter_shapes_for(cls, base_layer, rank):
+        input_dim, units = cls.kernel_shape_of(base_layer)
         return (input_dim, rank), (rank, units)
 
-    def _down(self, x, a):
+    def project_down(self, x, a):
         return matmul_trailing(x, a)  # (..., r)
 
-    def _up(self, hidden, b):
+    def project_up(self, hidden, b):
         return matmul_trailing(hidden, b)  # (..., units)
 
-    def _delta(self, a, b):
+    def kernel_delta(self, a, b):
         return ops.matmul(a, b)  # (input_dim, units)
 
-    def _kernel_matrix(self, kernel):
+    def kernel_matrix(self, kernel):
         return kernel
