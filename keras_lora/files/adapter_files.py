@@ -57,7 +57,9 @@ from keras_lora.files.atomic import (
     atomic_write_dir,
     fsync_file,
     leftovers,
+    reading,
 )
+from keras_lora.files.fingerprint import kernel_fingerprint
 from keras_lora.files.loading import (
     FORMAT,
     FORMAT_VERSION,
@@ -72,6 +74,7 @@ from keras_lora.files.paths import (
     bias_variables,
     check_unique_paths,
     modules_to_save_sites,
+    nested_models,
 )
 from keras_lora.layers import LoraLayer
 from keras_lora.layers.spec import check_adapter_name
@@ -177,6 +180,7 @@ def collect_adapter(model, adapter_name):
     tensors = {}
     layers = {}
     kernel_shapes = {}
+    fingerprints = {}
     for site in layer_sites:
         layer = site.layer
         adapter = layer.adapter(adapter_name)
@@ -188,6 +192,9 @@ def collect_adapter(model, adapter_name):
             shapes[tensor] = list(value.shape)
         description = layer.describe(layer.base_layer)
         kernel_shapes[site.path] = description["kernel_shape"]
+        fingerprint = kernel_fingerprint(type(layer), layer.base_layer)
+        if fingerprint is not None:
+            fingerprints[site.path] = fingerprint
         layers[site.path] = {
             **description,
             "variant": spec.variant,
@@ -248,7 +255,9 @@ def collect_adapter(model, adapter_name):
         "base_model": {
             "class": type(model).__name__,
             "name": model.name,
+            "models": nested_models(model, sites),
             "kernel_shapes": kernel_shapes,
+            "fingerprints": fingerprints,
         },
     }
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -337,37 +346,45 @@ def read_adapter(directory):
         ValueError: a file is corrupt, truncated or inconsistent.
     """
     directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        hint = ""
-        backups = leftovers(directory, OLD_TAG)
-        if backups:
-            hint = (
-                f" An interrupted save left the previous adapter at "
-                f"'{backups[0]}'; rename it to '{directory}' to recover it."
-            )
-        raise FileNotFoundError(
-            f"load_adapter: no adapter directory at '{directory}'.{hint}"
-        )
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
+    # Under a shared lock on the directory: a concurrent save replaces it
+    # before or after both files are read, never between the reads.
+    with reading(directory):
+        if not os.path.isdir(directory):
+            hint = ""
+            backups = leftovers(directory, OLD_TAG)
+            if backups:
+                hint = (
+                    f" An interrupted save left the previous adapter at "
+                    f"'{backups[0]}'; rename it to '{directory}' to recover "
+                    "it (the next save_adapter there does it itself)."
+                )
             raise FileNotFoundError(
-                f"load_adapter: '{path}' is missing. An adapter directory "
-                f"holds {CONFIG_NAME} and {WEIGHTS_NAME} (written by "
-                "keras_lora.save_adapter)."
+                f"load_adapter: no adapter directory at '{directory}'.{hint}"
             )
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"load_adapter: '{path}' is missing. An adapter "
+                    f"directory holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                    "(written by keras_lora.save_adapter)."
+                )
+        with open(config_path, "rb") as f:
+            raw_config = f.read()
+        with open(weights_path, "rb") as f:
+            data = f.read()
     try:
-        with open(config_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
+        meta = json.loads(raw_config.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        reason = (
+            "nested too deeply" if isinstance(error, RecursionError) else error
+        )
         raise ValueError(
-            f"load_adapter: '{config_path}' is not valid JSON ({error}); "
+            f"load_adapter: '{config_path}' is not valid JSON ({reason}); "
             "the file is corrupt or truncated."
         ) from None
     check_meta(meta, config_path)
-    with open(weights_path, "rb") as f:
-        data = f.read()
     expected = meta.get("safetensors_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise ValueError(

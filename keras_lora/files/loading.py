@@ -18,7 +18,14 @@ import warnings
 import keras
 import numpy as np
 
-from keras_lora.files.paths import SiteIndex, base_of, lora_class_of
+from keras_lora.files.fingerprint import kernel_fingerprint
+from keras_lora.files.fingerprint import matches as fingerprint_matches
+from keras_lora.files.paths import (
+    SiteIndex,
+    base_of,
+    lora_class_of,
+    nested_models,
+)
 from keras_lora.layers import AdapterSpec, LoraLayer
 from keras_lora.layers.spec import (
     check_alpha,
@@ -174,14 +181,8 @@ def adapter_names_in(model):
 def plan_load(model, meta, tensors, name, directory):
     """Checks that the adapter fits `model`; returns a `LoadPlan`."""
     where = f"load_adapter('{directory}')"
-    base = meta["base_model"]
-    saved_class = base.get("class")
-    if saved_class is not None and saved_class != type(model).__name__:
-        raise ValueError(
-            f"{where}: the adapter was saved from a {saved_class} "
-            f"('{base.get('name')}'), but model '{model.name}' is a "
-            f"{type(model).__name__}. Load it into the same base model."
-        )
+    index = SiteIndex(list(surgery.walk(model)))
+    move = _model_prefixes(model, index, meta["base_model"], where)
     if name in adapter_names_in(model):
         raise ValueError(
             f"{where}: model '{model.name}' already has an adapter named "
@@ -189,11 +190,12 @@ def plan_load(model, meta, tensors, name, directory):
             f"load_adapter(model, directory, adapter_name='{name}_2'), or "
             "delete the existing one first (keras_lora.delete_adapter)."
         )
-    index = SiteIndex(list(surgery.walk(model)))
     saved_paths = list(meta["layers"]) + list(meta["modules_to_save"])
     saved_paths += [e["layer"] for e in meta["weights"].values()]
-    mapping = index.map_paths(dict.fromkeys(saved_paths), where)
-    renamed = {k: v for k, v in mapping.items() if k != v}
+    moved = {p: move(p) for p in dict.fromkeys(saved_paths)}
+    found = index.map_paths(dict.fromkeys(moved.values()), where)
+    mapping = {p: found[moved[p]] for p in moved}
+    renamed = {moved[k]: v for k, v in mapping.items() if moved[k] != v}
     layers = [
         _plan_layer(index, mapping[saved], saved, spec, tensors, where)
         for saved, spec in meta["layers"].items()
@@ -207,8 +209,83 @@ def plan_load(model, meta, tensors, name, directory):
             "Give layers explicit names to make paths match exactly.",
             stacklevel=3,
         )
+    _warn_if_other_base(index, meta, mapping)
     config = _load_config(meta, layers, module_paths)
     return LoadPlan(config, layers, extras, module_paths)
+
+
+def _model_prefixes(model, index, base, where):
+    """A function mapping saved layer paths to this model's paths.
+
+    The identity when the adapter was saved from a model of this class;
+    otherwise the saved model and this one must share a nested model class
+    (an adapter saved from a keras-hub backbone loads into the `CausalLM`
+    holding that backbone, and the other way round), and paths move from
+    under one to under the other.
+    """
+    saved_class = base.get("class")
+    if saved_class in (None, type(model).__name__):
+        return lambda path: path
+    saved_models = base.get("models")
+    if not isinstance(saved_models, dict):
+        saved_models = {"": saved_class}
+    here = nested_models(model, index.sites)
+    pairs = [
+        (saved, mine)
+        for saved, cls in sorted(saved_models.items(), key=lambda i: len(i[0]))
+        for mine, other in sorted(here.items(), key=lambda i: len(i[0]))
+        if isinstance(saved, str) and cls == other
+    ]
+    if not pairs:
+        raise ValueError(
+            f"{where}: the adapter was saved from a {saved_class} "
+            f"('{base.get('name')}'), but model '{model.name}' is a "
+            f"{type(model).__name__} and holds no {saved_class}. Load it "
+            "into the same base model."
+        )
+    saved, mine = pairs[0]
+
+    def move(path):
+        if saved:
+            if path != saved and not path.startswith(saved + "/"):
+                raise ValueError(
+                    f"{where}: the adapter adapts '{path}', outside the "
+                    f"{saved_models[saved]} at '{saved}' that model "
+                    f"'{model.name}' holds, so it cannot load into it."
+                )
+            path = path[len(saved) + 1 :]
+        return f"{mine}/{path}" if mine else path
+
+    return move
+
+
+def _warn_if_other_base(index, meta, mapping):
+    """Warns if the model's base kernels differ from the recorded ones."""
+    recorded = meta["base_model"].get("fingerprints")
+    if not isinstance(recorded, dict):
+        return
+    differ = []
+    for saved_path, saved in recorded.items():
+        path = mapping.get(saved_path)
+        if path is None:
+            continue
+        layer = index.site(path, "load_adapter").layer
+        cls = lora_class_of(layer)
+        if cls is None:
+            continue
+        if not fingerprint_matches(
+            saved, kernel_fingerprint(cls, base_of(layer))
+        ):
+            differ.append(path)
+    if differ:
+        warnings.warn(
+            f"load_adapter: the base weights of layers {differ[:5]} differ "
+            "from those the adapter was trained on (recorded fingerprint: "
+            "kernel norm and sampled values). The adapter will not give its "
+            "fine-tuned outputs on this base: load it into the base model "
+            "it was trained on.",
+            stacklevel=4,
+        )
 
 
 def _plan_layer(index, path, saved_path, spec, tensors, where):

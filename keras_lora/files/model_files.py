@@ -145,12 +145,21 @@ def load_model(path, custom_objects=None, compile=True, safe_mode=True):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_model: no file at '{path}'.")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"load_model: '{path}' is not a .keras archive ("
+            + ("the file is empty" if size == 0 else f"{size} bytes, no zip")
+            + "): it is truncated, corrupt or another format. An "
+            "interrupted keras_lora.save_model never leaves such a file; "
+            "re-save the model."
+        )
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if RECORD_NAME in archive.namelist():
                 try:
                     record = json.loads(archive.read(RECORD_NAME))
-                except ValueError as error:
+                except (ValueError, RecursionError) as error:
                     raise ValueError(
                         f"load_model: the '{RECORD_NAME}' entry of '{path}' "
                         f"is not valid JSON ({error}); the file is corrupt."

@@ -25,6 +25,17 @@ def lora_class_of(layer):
     return lora_class_for(layer)
 
 
+def nested_models(model, sites):
+    """`{path: class name}` of `model` (path `""`) and the models in it
+    (a keras-hub `CausalLM`'s backbone), so adapter files can move between
+    a model and the models it contains."""
+    models = {"": type(model).__name__}
+    for site in sites:
+        if isinstance(site.layer, keras.Model):
+            models[site.path] = type(site.layer).__name__
+    return models
+
+
 def base_of(layer):
     """The base layer of a LoRA layer, or `layer` itself."""
     return layer.base_layer if isinstance(layer, LoraLayer) else layer

@@ -97,7 +97,7 @@ def read(directory, where):
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(
             f"{where}: '{config_path}' is not valid JSON ({error})."
         ) from None
