@@ -21,10 +21,10 @@ import torch
 import transformers
 
 import keras_lora as kl
-from keras_lora.model import surgery
 from keras_lora.interop import export_peft, import_peft
+from keras_lora.model import surgery
 from tests import models
-from tests.conftest import weight_snapshot
+from tests.conftest import BACKEND, weight_snapshot
 
 TOKENS = np.random.RandomState(0).randint(0, 100, (2, 8))
 TOL = 1e-4
@@ -478,3 +478,24 @@ def test_export_layer_without_hf_counterpart_is_named(
     with pytest.raises(ValueError, match=re.escape(message)):
         export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="slow (one import per step) and backend-independent bookkeeping; "
+    "the same transaction is checked on every backend in "
+    "test_transactions.py, so this runs once, on torch",
+)
+def test_import_is_all_or_nothing(hf_dirs, peft_adapters):
+    """Each step of import_peft made to fail in turn leaves the model as it
+    was (tests/faults.py); GPT-2 has the fused c_attn, the hardest case."""
+    from tests.faults import run_with_faults
+
+    directory, peft_logits, _ = peft_adapters["gpt2"]
+    model = keras_model(hf_dirs["gpt2"])
+    inputs = {"token_ids": TOKENS, "padding_mask": np.ones_like(TOKENS)}
+    steps = run_with_faults(
+        lambda: import_peft(model, directory), model, inputs
+    )
+    assert steps > 0
+    np.testing.assert_allclose(keras_out(model), peft_logits, atol=TOL)
