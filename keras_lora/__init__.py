@@ -17,9 +17,15 @@ from keras_lora.files import (
     save_model,
 )
 from keras_lora.interop import export_peft, import_peft
-from keras_lora.layers import LoraDense, LoraEinsumDense
+from keras_lora.layers import (
+    LoraConv,
+    LoraDense,
+    LoraEinsumDense,
+    LoraEmbedding,
+)
 from keras_lora.model import (
     LoraConfig,
+    RequantizationWarning,
     add_adapter,
     add_weighted_adapter,
     applied_configs,
@@ -40,8 +46,11 @@ from keras_lora.version import VERSION as __version__
 
 __all__ = [
     "LoraConfig",
+    "LoraConv",
     "LoraDense",
     "LoraEinsumDense",
+    "LoraEmbedding",
+    "RequantizationWarning",
     "__version__",
     "add_adapter",
     "add_weighted_adapter",

@@ -9,12 +9,16 @@ layer types to those classes; nothing outside this package names a layer
 type.
 """
 
+from keras_lora.layers import quantization
 from keras_lora.layers.base import LoraLayer, matmul_trailing
+from keras_lora.layers.conv import LoraConv
 from keras_lora.layers.dense import LoraDense
 from keras_lora.layers.einsum_dense import LoraEinsumDense
+from keras_lora.layers.embedding import LoraEmbedding
 from keras_lora.layers.equation import Factorization, factor_equation
 from keras_lora.layers.registry import (
     lora_class_for,
+    refusal_for,
     register_lora_layer,
     supported_layer_types,
     unregister_lora_layer,
@@ -24,12 +28,16 @@ from keras_lora.layers.spec import AdapterSpec
 __all__ = [
     "AdapterSpec",
     "Factorization",
+    "LoraConv",
     "LoraDense",
     "LoraEinsumDense",
+    "LoraEmbedding",
     "LoraLayer",
     "factor_equation",
     "lora_class_for",
     "matmul_trailing",
+    "quantization",
+    "refusal_for",
     "register_lora_layer",
     "supported_layer_types",
     "unregister_lora_layer",

@@ -28,6 +28,7 @@ from keras_lora._keras_internals import (
     unlocked_tracker,
     untrack_variable,
 )
+from keras_lora.layers import quantization
 from keras_lora.layers.registry import lora_class_for
 from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec
 from keras_lora.layers.variants import get_variant
@@ -100,7 +101,9 @@ class LoraLayer(keras.layers.Layer):
                 )
             ]
         if kwargs.get("dtype") is None:
-            kwargs["dtype"] = base_layer.dtype_policy
+            # A quantized base's policy would send this layer's call to
+            # Keras's quantized-call methods; the wrapper is float.
+            kwargs["dtype"] = quantization.float_policy(base_layer.dtype_policy)
         super().__init__(name=name, **kwargs)
         # Validate everything before touching the base layer: a failed
         # constructor must leave it exactly as it was.
@@ -143,6 +146,11 @@ class LoraLayer(keras.layers.Layer):
         # Routed adapter slots (`keras_lora.serving.routing`); runtime
         # state, neither saved nor part of the config.
         self._routed = None
+        # A requantizing merge keeps the quantized values it replaced, to
+        # unmerge exactly, and what it cost (`quantization.Drift`).
+        self._requantized_from = None
+        self._requantizing = False
+        self.merge_drift = None
         if moves_activation:
             # The adapter output must join before the activation, so the
             # activation moves from the base layer to this one.
@@ -160,8 +168,25 @@ class LoraLayer(keras.layers.Layer):
 
     @classmethod
     def kernel_of(cls, base_layer):
-        """The base layer's kernel variable (what merges change)."""
+        """The base layer's kernel as its public property gives it: the
+        float kernel variable (what merges change), or for a quantized
+        base its integer values (unpacked for int4, not dequantized),
+        shaped like the float kernel."""
         return base_layer.kernel
+
+    @classmethod
+    def kernel_variables(cls, base_layer):
+        """The variables a merge may rewrite: the kernel, or every
+        variable of a quantized base (a requantizing merge rewrites its
+        scales and zero points too)."""
+        if quantization.is_quantized(base_layer):
+            return list(base_layer.weights)
+        return [cls.kernel_of(base_layer)]
+
+    @classmethod
+    def probe_inputs(cls, base_layer):
+        """Inputs on which a requantizing merge measures its drift."""
+        return quantization.gaussian_probe(base_layer)
 
     @classmethod
     def kernel_shape_of(cls, base_layer):
@@ -241,6 +266,7 @@ class LoraLayer(keras.layers.Layer):
                 "or use one LoRA implementation only."
             )
         cls.check_factorable(layer)
+        quantization.check_supported(layer, f"{cls.__name__}.from_layer")
         if require_built and not layer.built:
             raise ValueError(
                 f"Layer '{layer.name}' is not built yet, so it has no kernel "
@@ -274,6 +300,21 @@ class LoraLayer(keras.layers.Layer):
         slots (`keras_lora.serving.routing` adds the batch axis to A and
         B). The default fits a matrix kernel."""
         return "...i,ir->...r", "...r,ro->...o"
+
+    def branch_factors(self, x, a, b):
+        """The `(A, B)` that `project_down`/`project_up` apply to input `x`
+        (plain or stacked per batch row), in the branch's dtype. The
+        default: `a`, `b` cast to `x`'s dtype."""
+        return ops.cast(a, x.dtype), ops.cast(b, x.dtype)
+
+    def routed_project_down(self, x, a, equation):
+        """`project_down` with one A per batch row (`a`: `(batch, ...)`);
+        `equation` is `routing_equations()[0]` with the batch axis."""
+        return ops.einsum(equation, x, a)
+
+    def routed_project_up(self, hidden, b, equation):
+        """`project_up` with one B per batch row, as `routed_project_down`."""
+        return ops.einsum(equation, hidden, b)
 
     # -- construction -------------------------------------------------------
 
@@ -359,7 +400,9 @@ class LoraLayer(keras.layers.Layer):
                 "`unmerge()` (or `keras_lora.unmerge_adapters(model)`) "
                 "before training."
             )
-        outputs = self.base_layer(inputs)
+        # `model.quantize` may have changed the base since it was wrapped.
+        quantization.check_supported(self.base_layer, f"Layer '{self.name}'")
+        outputs = self.base_call(inputs)
         if self._enabled:
             for name in self._active:
                 if name not in self._merged:
@@ -370,6 +413,11 @@ class LoraLayer(keras.layers.Layer):
             if self._routed is not None:
                 outputs = outputs + self._routed.branch(inputs)
         return self.activation(outputs)
+
+    def base_call(self, inputs):
+        """The base layer's own output (its quantized call on a quantized
+        base), before the activation this layer took over."""
+        return self.base_layer(inputs)
 
     def compute_output_shape(self, input_shape):
         return self.base_layer.compute_output_shape(input_shape)
@@ -567,10 +615,16 @@ class LoraLayer(keras.layers.Layer):
     def merged_adapters(self):
         return list(self._merged)
 
-    def merge(self, adapter_names=None):
+    def merge(self, adapter_names=None, requantize=False):
         """Folds the active (or named) adapters into the base kernel.
 
-        Computed in float32. Refused if the layer is already merged.
+        Computed in float32. Refused if the layer is already merged. A
+        quantized base (`model.quantize("int8" | "int4")`) is merged only
+        with `requantize=True`: the kernel is dequantized, the update
+        added and the sum requantized by Keras's own code, which rounds;
+        the measured cost is then in `merge_drift` (a
+        `keras_lora.layers.quantization.Drift`), and `unmerge()` restores
+        the quantized kernel exactly (from a copy kept in memory).
         """
         if self._merged:
             raise ValueError(
@@ -582,34 +636,77 @@ class LoraLayer(keras.layers.Layer):
         names = [names] if isinstance(names, str) else list(names)
         self._check_known(names)
         if names:
-            self.check_mergeable()
+            self.check_mergeable(requantize)
+        base = self.base_layer
+        requantizing = bool(names) and quantization.is_quantized(base)
+        if requantizing:
+            probe = self.probe_inputs(base)
+            y_base, y_exact = self._probe_outputs(probe, names)
+            self._requantized_from = {
+                v.name: np.array(ops.convert_to_numpy(v)) for v in base.weights
+            }
         done = []
+        self._requantizing = requantizing
         try:
             for name in names:
                 adapter = self._adapters[name]
                 adapter.variant.merge(self, adapter)
                 done.append(adapter)
         except BaseException:
-            for adapter in reversed(done):
-                adapter.variant.unmerge(self, adapter)
+            if requantizing:
+                self._restore_quantized()
+            else:
+                for adapter in reversed(done):
+                    adapter.variant.unmerge(self, adapter)
             raise
+        finally:
+            self._requantizing = False
         self._merged = names
+        if requantizing:
+            y_merged = ops.convert_to_numpy(self.base_call(probe))
+            self.merge_drift = quantization.measure_drift(
+                self.name,
+                quantization.quantization_mode(base),
+                y_base,
+                y_exact,
+                y_merged,
+            )
 
     def unmerge(self):
-        """Takes merged adapters back out of the kernel (no-op if none)."""
-        for name in reversed(self._merged):
-            adapter = self._adapters[name]
-            adapter.variant.unmerge(self, adapter)
+        """Takes merged adapters back out of the kernel (no-op if none).
+
+        After a requantizing merge the quantized kernel from before it
+        comes back exactly. Without that copy (a model saved merged and
+        loaded again) the update is subtracted and the kernel requantized,
+        which rounds again.
+        """
+        if self._merged and self._requantized_from is not None:
+            self._restore_quantized()
+            self._merged = []
+            return
+        self._requantizing = quantization.is_quantized(self.base_layer)
+        try:
+            for name in reversed(self._merged):
+                adapter = self._adapters[name]
+                adapter.variant.unmerge(self, adapter)
+        finally:
+            self._requantizing = False
         self._merged = []
 
-    def check_mergeable(self):
+    def check_mergeable(self, requantize=False):
         """Raises (saying why and what to do) if adapters cannot be folded
-        into the base kernel."""
-        self.check_mergeable_kernel(self.base_layer, self.name)
+        into the base kernel (a quantized one only with `requantize`)."""
+        self.check_mergeable_kernel(self.base_layer, self.name, requantize)
 
     @classmethod
-    def check_mergeable_kernel(cls, base_layer, where):
+    def check_mergeable_kernel(cls, base_layer, where, requantize=False):
         """Raises if `base_layer`'s kernel cannot take a merged delta."""
+        mode = quantization.quantization_mode(base_layer)
+        if mode is not None:
+            quantization.check_supported(base_layer, f"Layer '{where}'")
+            if not requantize:
+                raise ValueError(quantization.refusal(mode, where))
+            return
         kernel = cls.kernel_of(base_layer)
         if kernel.dtype not in FLOAT_DTYPES:
             raise ValueError(
@@ -664,8 +761,12 @@ class LoraLayer(keras.layers.Layer):
         return adapter.variant.delta(self, adapter)
 
     def add_to_kernel(self, delta, sign):
-        """`kernel += sign * delta`, computed in float32."""
-        self.check_mergeable()
+        """`kernel += sign * delta`, computed in float32 (dequantized,
+        added and requantized inside a requantizing merge)."""
+        self.check_mergeable(self._requantizing)
+        if self._requantizing:
+            quantization.requantized_add(self.base_layer, sign * delta)
+            return
         kernel = self.kernel_of(self.base_layer)
         updated = ops.cast(kernel, "float32") + sign * delta
         kernel.assign(ops.cast(updated, kernel.dtype))
@@ -689,6 +790,8 @@ class LoraLayer(keras.layers.Layer):
             "bias_trainable": self.bias_trainable,
             "activation": self.activation,
             "routed": self._routed,
+            "requantized_from": self._requantized_from,
+            "merge_drift": self.merge_drift,
             "variables": own_variable_lists(self),
         }
 
@@ -708,6 +811,8 @@ class LoraLayer(keras.layers.Layer):
         self.bias_trainable = state["bias_trainable"]
         self.activation = state["activation"]
         self._routed = state["routed"]
+        self._requantized_from = state["requantized_from"]
+        self.merge_drift = state["merge_drift"]
 
     # -- helpers for variants -----------------------------------------------
 
@@ -733,6 +838,24 @@ class LoraLayer(keras.layers.Layer):
             base.trainable = False
 
     # -- internals ----------------------------------------------------------
+
+    def _probe_outputs(self, probe, names):
+        """`(base output, output with adapters `names`)` for `probe`, as
+        numpy (before the activation)."""
+        y_base = self.base_call(probe)
+        y = y_base
+        for name in names:
+            adapter = self._adapters[name]
+            y = adapter.variant.forward(self, adapter, probe, y, False)
+        return ops.convert_to_numpy(y_base), ops.convert_to_numpy(y)
+
+    def _restore_quantized(self):
+        """Puts back the quantized values a requantizing merge replaced."""
+        saved = self._requantized_from
+        for variable in self.base_layer.weights:
+            variable.assign(saved[variable.name])
+        self._requantized_from = None
+        self.merge_drift = None
 
     def _check_known(self, names):
         self._check_names(names, self._specs)

@@ -50,6 +50,19 @@ def lora_class_for(layer):
     return best
 
 
+def refusal_for(layer):
+    """Why keras_lora cannot adapt `layer`'s type, where a registered class
+    says so (its `refuses`: `{Keras layer type: reason}`), or None."""
+    for cls in _CLASSES:
+        for base_type, reason in getattr(cls, "refuses", {}).items():
+            if isinstance(layer, base_type):
+                return (
+                    f"layer '{layer.name}' is a {type(layer).__name__}, "
+                    f"which keras_lora cannot adapt: {reason}."
+                )
+    return None
+
+
 def lora_class_named(name):
     """The registered LoRA class called `name` (as adapter files record)."""
     for cls in _CLASSES:

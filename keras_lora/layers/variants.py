@@ -75,8 +75,9 @@ class LoraVariant:
         """`s * ((dropout(x) @ A) @ B)`, never building `A @ B`."""
         spec = adapter.spec
         x = layer.branch_inputs(inputs, spec.dropout, training)
-        a = ops.cast(adapter.variables["lora_a"], x.dtype)
-        b = ops.cast(adapter.variables["lora_b"], x.dtype)
+        a, b = layer.branch_factors(
+            x, adapter.variables["lora_a"], adapter.variables["lora_b"]
+        )
         hidden = layer.project_down(x, a) * spec.scale  # (..., r)
         return layer.project_up(hidden, b)
 

@@ -11,6 +11,7 @@ from keras_lora.model.apply import apply_lora, find_targets, lora_layers
 from keras_lora.model.config import LoraConfig
 from keras_lora.model.matching import matches, path_matches
 from keras_lora.model.operations import (
+    RequantizationWarning,
     add_adapter,
     count_parameters,
     delete_adapter,
@@ -29,6 +30,7 @@ from keras_lora.model.weighted import add_weighted_adapter
 
 __all__ = [
     "LoraConfig",
+    "RequantizationWarning",
     "Site",
     "add_adapter",
     "add_weighted_adapter",

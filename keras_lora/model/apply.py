@@ -8,11 +8,20 @@ import warnings
 import keras
 
 import keras_lora._keras_internals as internals
-from keras_lora.layers import LoraLayer, lora_class_for, supported_layer_types
+from keras_lora.layers import (
+    LoraLayer,
+    lora_class_for,
+    refusal_for,
+    supported_layer_types,
+)
 from keras_lora.layers.spec import check_adapter_name
 from keras_lora.model import surgery
-from keras_lora.model.config import DEFAULT_LAYERS_PATTERNS, LoraConfig
-from keras_lora.model.matching import matches
+from keras_lora.model.config import (
+    DEFAULT_LAYERS_PATTERNS,
+    LoraConfig,
+    preset_category,
+)
+from keras_lora.model.matching import matches, path_matches
 from keras_lora.model.records import applied_configs, record_config
 from keras_lora.model.transaction import transaction
 
@@ -130,11 +139,12 @@ def _base(layer):
 def find_targets(model, config, sites=None):
     """The `Site`s that `config` targets in `model` (raises if none)."""
     sites = list(surgery.walk(model)) if sites is None else sites
-    candidates = [
-        s
-        for s in sites
-        if isinstance(s.layer, LoraLayer) or lora_class_for(s.layer)
-    ]
+    candidates = []
+    for site in sites:
+        if isinstance(site.layer, LoraLayer) or lora_class_for(site.layer):
+            candidates.append(site)
+        elif _names(site, config) and refusal_for(site.layer):
+            raise ValueError(f"apply_lora: {refusal_for(site.layer)}")
     matched = [s for s in candidates if _is_target(s, config)]
     if config.exclude_modules is not None:
         matched = [
@@ -159,9 +169,39 @@ def _is_target(site, config):
             isinstance(site.parent, keras.layers.MultiHeadAttention)
             and site.attribute in _DEFAULT_ATTRIBUTES
         )
-    if targets == "all-linear":
-        return _category(site.layer) == "linear" and not _is_output_layer(site)
-    return matches(targets, site.path)
+    if _names(site, config):
+        return True
+    patterns = [targets] if isinstance(targets, str) else targets
+    return any(_in_preset(site, preset_category(p)) for p in patterns)
+
+
+def _names(site, config):
+    """True if `config.target_modules` names `site` (a path pattern, not a
+    preset)."""
+    targets = config.target_modules
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return preset_category(targets) is None and matches(targets, site.path)
+    return any(
+        preset_category(p) is None and path_matches(p, site.path)
+        for p in targets
+    )
+
+
+def _in_preset(site, category):
+    """True if `site` belongs to preset `all-<category>`: its LoRA class
+    has that category and accepts it ("all-linear" leaves out the model's
+    output layer, as PEFT's does)."""
+    if category is None or _category(site.layer) != category:
+        return False
+    if category == "linear" and _is_output_layer(site):
+        return False
+    try:
+        _lora_class(site.layer).check_factorable(_base(site.layer))
+    except ValueError:
+        return False  # e.g. a grouped convolution: skipped by presets
+    return True
 
 
 def _category(layer):

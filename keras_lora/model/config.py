@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 
+from keras_lora.layers.registry import registered_classes
 from keras_lora.layers.spec import (
     check_alpha,
     check_dropout,
@@ -14,6 +15,9 @@ from keras_lora.layers.spec import (
 from keras_lora.model.matching import lookup
 
 BIAS_MODES = ("none", "all", "lora_only")
+# `target_modules` presets: "all-<category>" selects every layer of that
+# LoRA category ("linear", "embedding", "conv", ...).
+PRESET_PREFIX = "all-"
 INIT_MODES = ("default", "gaussian", "pissa")
 # Block-container names tried by `layers_to_transform` when no
 # `layers_pattern` is given (keras-hub names its blocks
@@ -42,8 +46,14 @@ class LoraConfig:
             `CachedMultiHeadAttention` included). A list of names: a layer
             matches when its name or a path suffix equals an entry
             (`"query"`, `"self_attention/query"`). A string: a regular
-            expression matched against the whole path. `"all-linear"`:
-            every Dense/EinsumDense except the model's output layer.
+            expression matched against the whole path. Presets select
+            layers by kind: `"all-linear"` every Dense/EinsumDense except
+            the model's output layer (PEFT's meaning), `"all-embedding"`
+            every Embedding/ReversibleEmbedding (a tied token embedding
+            adapts the logits too), `"all-conv"` every Conv1D/2D/3D
+            (grouped ones are skipped); in general `"all-<category>"` for
+            each registered layer category. A list may mix presets and
+            names: `["all-linear", "all-embedding"]`.
         exclude_modules: same forms; matching layers are skipped.
         rank_pattern: `{pattern: rank}` per-layer overrides; a pattern is a
             name, a path suffix or a regex on the path.
@@ -104,6 +114,7 @@ class LoraConfig:
                 continue
             if isinstance(value, str) and field != "modules_to_save":
                 _check_regex(field, value)
+                _check_preset(field, value)
                 continue
             if not isinstance(value, list) or not all(
                 isinstance(v, str) for v in value
@@ -114,6 +125,7 @@ class LoraConfig:
                 )
             for pattern in value:
                 _check_regex(field, pattern)
+                _check_preset(field, pattern)
             if field == "target_modules" and not value:
                 raise ValueError(
                     "LoraConfig.target_modules is an empty list: name at "
@@ -205,6 +217,34 @@ class LoraConfig:
                 f"LoraConfig.from_json: not valid JSON ({error})."
             ) from None
         return cls.from_dict(data)
+
+
+def preset_category(pattern):
+    """The layer category of preset `pattern` (`"all-conv"` -> `"conv"`),
+    or None if `pattern` is not a preset."""
+    if not isinstance(pattern, str) or not pattern.startswith(PRESET_PREFIX):
+        return None
+    category = pattern[len(PRESET_PREFIX) :]
+    return category if category in preset_categories() else None
+
+
+def preset_categories():
+    """The categories of the registered LoRA layer classes."""
+    return sorted({cls.category for cls in registered_classes()})
+
+
+def _check_preset(field, pattern):
+    """A pattern that looks like a preset must be one (catches typos)."""
+    if (
+        field == "target_modules"
+        and pattern.startswith(PRESET_PREFIX)
+        and preset_category(pattern) is None
+    ):
+        known = [PRESET_PREFIX + c for c in preset_categories()]
+        raise ValueError(
+            f"LoraConfig.target_modules: unknown preset {pattern!r}. "
+            f"Presets: {known}; or name layers by path."
+        )
 
 
 def _check_regex(field, pattern):

@@ -1,6 +1,7 @@
 """Model-level adapter operations: merge, unload, switch, disable, count."""
 
 import contextlib
+import warnings
 
 from keras_lora.layers import LoraLayer
 from keras_lora.model import surgery
@@ -19,8 +20,16 @@ def _require_lora(model, what):
     return layers
 
 
-def merge_adapters(model, adapter_names=None):
-    """Folds the active (or the named) adapters into the base kernels."""
+def merge_adapters(model, adapter_names=None, requantize=False):
+    """Folds the active (or the named) adapters into the base kernels.
+
+    A kernel quantized by `model.quantize("int8" | "int4")` is refused
+    (the sum would be rounded back to the quantized type) unless
+    `requantize=True`: it is then dequantized, added to and requantized
+    by Keras's own code, and a `RequantizationWarning` reports the
+    measured drift of every such layer (also in `layer.merge_drift`).
+    `unmerge_adapters` restores the quantized kernels exactly.
+    """
     layers = _require_lora(model, "merge_adapters")
     plan = []
     for layer in layers:
@@ -36,13 +45,14 @@ def merge_adapters(model, adapter_names=None):
         if names is None:
             names = layer.active_adapters
         if names:
-            layer.check_mergeable()
+            layer.check_mergeable(requantize)
         plan.append((layer, names))
     with transaction(model) as txn:
         txn.protect(_kernels(layers))
         for layer, names in plan:
-            layer.merge(names)
+            layer.merge(names, requantize=requantize)
         surgery.reset_compiled_functions(model)
+    _report_drift(layers, "merge_adapters")
     return model
 
 
@@ -58,26 +68,51 @@ def unmerge_adapters(model):
 
 
 def _kernels(layers):
-    return [layer.kernel_of(layer.base_layer) for layer in layers]
+    variables = []
+    for layer in layers:
+        variables += layer.kernel_variables(layer.base_layer)
+    return variables
 
 
-def merge_and_unload(model):
+class RequantizationWarning(UserWarning):
+    """A merge into quantized kernels rounded the model (`requantize=True`);
+    the message gives the measured drift per layer."""
+
+
+def _report_drift(layers, where):
+    drifts = [layer.merge_drift for layer in layers if layer.merge_drift]
+    if not drifts:
+        return
+    worst = max(drifts, key=lambda d: d.adapter_drift)
+    lines = "\n".join(f"  {d.describe()}" for d in drifts)
+    warnings.warn(
+        f"{where}: merged into {len(drifts)} quantized kernels by "
+        "dequantizing, adding and requantizing; rounding changed the "
+        f"outputs (worst: {worst.describe()}):\n{lines}",
+        RequantizationWarning,
+        stacklevel=3,
+    )
+
+
+def merge_and_unload(model, requantize=False):
     """Merges the active adapters and puts plain Keras layers back.
 
     Returns `model` (changed in place) with no keras_lora layer in it: it
     saves and loads with plain Keras, and its outputs equal the adapted
-    model's.
+    model's. Quantized kernels are refused unless `requantize=True`, as in
+    `merge_adapters` (the outputs then differ by the reported drift).
     """
     layers = _require_lora(model, "merge_and_unload")
     for layer in layers:
         if not layer.merged and layer.active_adapters:
-            layer.check_mergeable()
+            layer.check_mergeable(requantize)
     with transaction(model) as txn:
         txn.protect(_kernels(layers))
         for layer in layers:
             if not layer.merged:
-                layer.merge()
+                layer.merge(requantize=requantize)
         _unwrap_all(txn, model)
+    _report_drift(layers, "merge_and_unload")
     return model
 
 

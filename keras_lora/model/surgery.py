@@ -24,6 +24,10 @@ class Site:
     attribute: str = None  # parent.<attribute> holds it (or a list of it)
     index: int = None  # position inside that list, if any
     in_graph: bool = False  # an operation of the Functional `parent`
+    # Other graphs that call the same layer (keras-hub's causal LMs call
+    # the backbone's token embedding again for the tied logits); `replace`
+    # swaps the layer there too. Filled in by `walk` as it finds them.
+    aliases: list = dataclasses.field(default_factory=list)
 
 
 def walk(model):
@@ -34,15 +38,20 @@ def walk(model):
     keras-hub blocks), and nested models. LoRA layers are yielded but not
     descended into.
     """
-    seen = {id(model)}
+    seen = {id(model): None}
     yield from _walk(model, "", seen)
 
 
 def _walk(parent, prefix, seen):
     for site in children(parent, prefix):
         if id(site.layer) in seen:
+            first = seen[id(site.layer)]
+            if first is not None and site.in_graph:
+                if all(a.parent is not site.parent for a in first.aliases):
+                    if site.parent is not first.parent:
+                        first.aliases.append(site)
             continue
-        seen.add(id(site.layer))
+        seen[id(site.layer)] = site
         yield site
         if not isinstance(site.layer, LoraLayer):
             yield from _walk(site.layer, site.path + "/", seen)
@@ -72,6 +81,15 @@ def children(parent, prefix=""):
 def replace(site, new_layer):
     """Puts `new_layer` where `site.layer` is, in place."""
     old = site.layer
+    # `Model.quantize` leaves the model's tracker locked (Keras locks every
+    # layer it visits, models included), so swaps run with it unlocked.
+    for where in [site] + site.aliases:
+        with internals.unlocked_tracker(where.parent):
+            _replace(where, old, new_layer)
+        where.layer = new_layer
+
+
+def _replace(site, old, new_layer):
     if site.in_graph:
         if isinstance(site.parent, keras.Sequential):
             _replace_in_sequential(site.parent, old, new_layer)
@@ -93,7 +111,6 @@ def replace(site, new_layer):
                 f"attribute '{site.attribute}'. Use a list."
             )
         internals.replace_in_list(site.parent, container, old, new_layer)
-    site.layer = new_layer
 
 
 def _replace_in_sequential(model, old, new_layer):

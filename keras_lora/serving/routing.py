@@ -205,13 +205,20 @@ class SlotWeights:
         ids = self.router.ids.value[:batch]  # (batch,)
         # -1 (base model) reads the zero slot at the end.
         slot = ops.where(ids < 0, self.slots, ids)
-        a = ops.cast(ops.take(self.a.value, slot, axis=0), inputs.dtype)
-        b = ops.cast(ops.take(self.b.value, slot, axis=0), inputs.dtype)
-        scale = ops.cast(ops.take(self.scales.value, slot), inputs.dtype)
-        hidden = ops.einsum(self.down, inputs, a)  # (batch, ..., r_max)
-        rank = len(hidden.shape)
+        # The layer says how its projections read the gathered A and B
+        # (an embedding gathers rows of A by token id, a convolution
+        # reads its input as patches).
+        layer = self.layer
+        a, b = layer.branch_factors(
+            inputs,
+            ops.take(self.a.value, slot, axis=0),
+            ops.take(self.b.value, slot, axis=0),
+        )
+        scale = ops.cast(ops.take(self.scales.value, slot), a.dtype)
+        hidden = layer.routed_project_down(inputs, a, self.down)
+        rank = len(hidden.shape)  # (batch, ..., r_max)
         hidden = hidden * ops.reshape(scale, (-1,) + (1,) * (rank - 1))
-        return ops.einsum(self.up, hidden, b)
+        return layer.routed_project_up(hidden, b, self.up)
 
     def write(self, slot, a, b, scale):
         """Puts an adapter's `A`, `B` (numpy, its own rank) in `slot`."""
