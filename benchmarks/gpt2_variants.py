@@ -210,8 +210,30 @@ def build_peft_model(shape, rank=RANK, seed=0):
     return peft.get_peft_model(model, lora_config)
 
 
+def peft_autocast(device):
+    """The `torch.autocast` matching Keras's global dtype policy: none under
+    `float32`, bfloat16 under `mixed_bfloat16` (float32 weights, bfloat16
+    compute, as the Keras variants then run)."""
+    import contextlib
+
+    import torch
+
+    policy = keras.config.dtype_policy()
+    if policy.compute_dtype == policy.variable_dtype:
+        return contextlib.nullcontext()
+    if policy.compute_dtype != "bfloat16":
+        raise ValueError(
+            f"peft_variant: Keras dtype policy {policy.name!r} has no PEFT "
+            "counterpart here; use 'float32' or 'mixed_bfloat16' (float16 "
+            "would need a gradient scaler)."
+        )
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
 def peft_variant(shape, rank=RANK, seed=0):
-    """PEFT LoRA trained with the standard PyTorch loop (eager, Adam)."""
+    """PEFT LoRA trained with the standard PyTorch loop (eager, Adam), on
+    the GPU when PyTorch sees one; under a mixed Keras dtype policy the
+    forward pass runs in `torch.autocast` (`peft_autocast`)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,9 +246,12 @@ def peft_variant(shape, rank=RANK, seed=0):
     ids = torch.as_tensor(np.asarray(x["token_ids"]), dtype=torch.long)
     ids = ids.to(device)
 
+    autocast = peft_autocast(device)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         return float(loss.detach())  # synchronises

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from benchmarks import common
+from benchmarks.device_memory import device_meter
 from benchmarks.gpt2_variants import (
     LEARNING_RATE,
     RANK,
@@ -72,35 +73,6 @@ TIMING_KEYS = (
 # -- memory ------------------------------------------------------------------
 
 
-def device_memory(backend):
-    """`(reset, in_use, peak)` byte counters of the accelerator, or None.
-
-    Only where the backend can reset its peak counter (PyTorch and
-    TensorFlow on a GPU); JAX has no reset, so on a JAX GPU run only host
-    memory is measured. Untested here: this machine has no GPU.
-    """
-    if backend == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            return (
-                torch.cuda.reset_peak_memory_stats,
-                torch.cuda.memory_allocated,
-                torch.cuda.max_memory_allocated,
-            )
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if tf.config.list_physical_devices("GPU"):
-            info = tf.config.experimental.get_memory_info
-            return (
-                lambda: tf.config.experimental.reset_memory_stats("GPU:0"),
-                lambda: info("GPU:0")["current"],
-                lambda: info("GPU:0")["peak"],
-            )
-    return None
-
-
 def build_and_measure(name, shape, settings, backend, log=print):
     """Builds variant `name` and measures its training-memory overhead.
 
@@ -109,23 +81,25 @@ def build_and_measure(name, shape, settings, backend, log=print):
     state), the high-water mark is reset and `memory_steps` more steps
     run. Overhead = high-water mark - resident memory after the build:
     optimizer state, gradients, activations and compiled programs, but
-    not the one-off peak of compiling.
+    not the one-off peak of compiling. On a GPU, the device's peak from
+    the build to the last of these steps is recorded too
+    (`benchmarks.device_memory`; PEFT's through PyTorch).
     """
     common.release_free_memory()
     before = common.rss_bytes()
+    device = device_meter("torch" if name == "peft" else backend)
+    if device is not None:
+        device.start()
     variant = build_variant(
         name, shape, jit_compile=settings.get("jit_compile", "auto")
     )
     common.release_free_memory()
     built = common.rss_bytes()
-    device = device_memory(backend) if name != "peft" else None
     if device is not None:
-        device_built = device[1]()
+        device.mark_built()
     losses = [variant.step() for _ in range(settings["memory_warmup"])]
     common.release_free_memory()
     common.reset_peak_rss()
-    if device is not None:
-        device[0]()
     losses += [variant.step() for _ in range(settings["memory_steps"])]
     peak = common.peak_rss_bytes()
     memory = {
@@ -136,11 +110,17 @@ def build_and_measure(name, shape, settings, backend, log=print):
         else None,
     }
     if device is not None:
-        memory["device_peak_overhead_mb"] = _mb(device[2]() - device_built)
+        memory.update(device.finish())
     log(
         f"[{backend}] {name}: {variant.trainable_params:,} trainable of "
         f"{variant.total_params:,}; first loss {losses[0]:.4f}; training "
         f"memory overhead {memory['peak_overhead_mb']} MB"
+        + (
+            ""
+            if device is None
+            else f"; device peak {memory['device_peak_mb']} MB"
+            + ("" if memory["device_peak_exact"] else " (upper bound)")
+        )
     )
     info = {
         "trainable_params": variant.trainable_params,
@@ -176,8 +156,13 @@ def warm_up_runtime(backend, settings, log=print):
 # -- running -------------------------------------------------------------
 
 
-def run_workload(backend, key, settings, variants, log=print):
-    shape = WORKLOADS[key]
+def run_workload(
+    backend, key, settings, variants, log=print, shape=None, on_variant=None
+):
+    """Measures and times `variants` on workload `key` (its shape from
+    `WORKLOADS` unless `shape` is given); `on_variant(name, info)` is
+    called after each variant's memory measurement (partial results)."""
+    shape = WORKLOADS[key] if shape is None else shape
     log(
         f"[{backend}] {shape['label']}: {shape['num_layers']} layers, "
         f"hidden {shape['hidden_dim']}, {shape['num_heads']} heads, seq "
@@ -190,6 +175,8 @@ def run_workload(backend, key, settings, variants, log=print):
             built[name], infos[name] = build_and_measure(
                 name, shape, settings, backend, log=log
             )
+            if on_variant is not None:
+                on_variant(name, infos[name])
         except ImportError as error:
             skipped[name] = f"not installed: {error}"
             log(f"[{backend}] {name}: skipped ({skipped[name]})")
