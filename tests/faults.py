@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_lora.layers import LoraLayer
+from keras_lora.layers.dora import DoraVariant
 from keras_lora.layers.variants import LoraVariant
 from keras_lora.model import apply, surgery
 from keras_lora.model.records import applied_configs
@@ -42,6 +43,9 @@ STEPS = [
     (LoraLayer, "apply_freeze"),
     (LoraVariant, "merge"),
     (LoraVariant, "unmerge"),
+    (DoraVariant, "initialize"),
+    (DoraVariant, "merge"),
+    (DoraVariant, "unmerge"),
     (keras.Variable, "assign"),
 ]
 

@@ -106,19 +106,27 @@ def hf_out(model):
 
 
 def randomise_peft(model, seed=0):
+    """Random non-zero A and B; DoRA magnitudes moved off their start."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 noise = torch.randn(param.shape, generator=generator)
-                param.copy_(noise * 0.3)
+                if "magnitude" in name:
+                    param.mul_(1.0 + noise * 0.3)
+                else:
+                    param.copy_(noise * 0.3)
 
 
 def randomise_keras(model, adapter_name="default", seed=0):
     rng = np.random.RandomState(seed)
     for layer in kl.lora_layers(model):
-        for variable in layer.lora_weights(adapter_name):
-            variable.assign(rng.normal(0, 0.3, variable.shape))
+        variables = layer.adapter_variables(adapter_name)
+        for tensor, variable in variables.items():
+            noise = rng.normal(0, 0.3, variable.shape)
+            if tensor == "lora_magnitude":
+                noise = keras.ops.convert_to_numpy(variable) * (1.0 + noise)
+            variable.assign(noise)
 
 
 def read_peft(directory):
@@ -151,15 +159,14 @@ PEFT_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def peft_adapters(hf_dirs, tmp_path_factory):
-    """`{arch: (directory, PEFT logits, base logits)}`, randomised A and B."""
-    root = tmp_path_factory.mktemp("peft")
+def _peft_adapters(hf_dirs, root, **extra):
+    """`{arch: (directory, PEFT logits, base logits)}`, randomised A and B
+    (and DoRA magnitudes)."""
     result = {}
     for arch, kwargs in PEFT_CONFIGS.items():
         base = hf_model(hf_dirs[arch])
         base_logits = hf_out(base)
-        config = peft.LoraConfig(task_type="CAUSAL_LM", **kwargs)
+        config = peft.LoraConfig(task_type="CAUSAL_LM", **kwargs, **extra)
         tuned = peft.get_peft_model(base, config)
         randomise_peft(tuned)
         tuned.save_pretrained(root / arch)
@@ -168,16 +175,31 @@ def peft_adapters(hf_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def peft_adapters(hf_dirs, tmp_path_factory):
+    return _peft_adapters(hf_dirs, tmp_path_factory.mktemp("peft"))
+
+
+@pytest.fixture(scope="module")
+def peft_dora_adapters(hf_dirs, tmp_path_factory):
+    """PEFT DoRA adapters (`use_dora=True`) of the same configs."""
+    root = tmp_path_factory.mktemp("peft_dora")
+    return _peft_adapters(hf_dirs, root, use_dora=True)
+
+
+@pytest.fixture(scope="module")
 def plain_gpt2(hf_dirs):
     """A GPT-2 causal LM that failed imports must leave untouched."""
     return keras_model(hf_dirs["gpt2"])
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_import_matches_peft_and_exports_back(
-    arch, hf_dirs, peft_adapters, tmp_path
+    arch, variant, hf_dirs, request, tmp_path
 ):
-    directory, peft_logits, base_logits = peft_adapters[arch]
+    fixture = "peft_dora_adapters" if variant == "dora" else "peft_adapters"
+    adapters = request.getfixturevalue(fixture)
+    directory, peft_logits, base_logits = adapters[arch]
     assert np.abs(peft_logits - base_logits).max() > MIN_EFFECT
     model = keras_model(hf_dirs[arch])
     np.testing.assert_allclose(keras_out(model), base_logits, atol=TOL)
@@ -193,8 +215,19 @@ def test_import_matches_peft_and_exports_back(
     assert sorted(tensors) == sorted(original)
     for key, value in original.items():
         np.testing.assert_allclose(tensors[key], value, rtol=1e-6, atol=0)
-    for field in ("r", "lora_alpha", "use_rslora", "peft_type", "task_type"):
+    fields = ("r", "lora_alpha", "use_rslora", "use_dora", "peft_type")
+    for field in fields + ("task_type",):
         assert config[field] == original_config[field]
+    assert config["use_dora"] is (variant == "dora")
+    if variant == "dora":
+        # The keras layers hold DoRA adapters, and PEFT reads the files
+        # written back with the same logits.
+        layer = kl.lora_layers(model)[0]
+        assert layer.adapter_spec().variant == "dora"
+        tuned = peft.PeftModel.from_pretrained(
+            hf_model(hf_dirs[arch]), str(tmp_path / "back")
+        )
+        np.testing.assert_allclose(hf_out(tuned), peft_logits, atol=TOL)
     for field in ("rank_pattern", "alpha_pattern"):
         assert config[field] == original_config[field], field
 
@@ -250,11 +283,15 @@ KERAS_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_export_loads_in_peft_with_same_logits(arch, hf_dirs, tmp_path):
+def test_export_loads_in_peft_with_same_logits(
+    arch, use_dora, hf_dirs, tmp_path
+):
     model = keras_model(hf_dirs[arch])
     base_logits = keras_out(model)
-    kl.apply_lora(model, kl.LoraConfig(**KERAS_CONFIGS[arch]))
+    config = kl.LoraConfig(**KERAS_CONFIGS[arch], use_dora=use_dora)
+    kl.apply_lora(model, config)
     randomise_keras(model)
     logits = keras_out(model)
     assert np.abs(logits - base_logits).max() > MIN_EFFECT
@@ -268,6 +305,10 @@ def test_export_loads_in_peft_with_same_logits(arch, hf_dirs, tmp_path):
     config, tensors = read_peft(tmp_path / "adapter")
     assert config["peft_type"] == "LORA"
     assert config["task_type"] == "CAUSAL_LM"
+    assert config["use_dora"] is use_dora
+    magnitudes = [k for k in tensors if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == (len(tensors) // 3 if use_dora else 0)
+    tensors = {k: v for k, v in tensors.items() if k not in magnitudes}
     assert config["base_model_name_or_path"] == "tiny"
     if arch == "gpt2":
         assert config["fan_in_fan_out"] is True
@@ -361,7 +402,10 @@ def _pickle_only(directory):
 
 
 IMPORT_ERRORS = {
-    "dora": (_mutate_config(use_dora=True), "DoRA"),
+    "dora": (
+        _mutate_config(use_dora=True),
+        "but not ['lora_magnitude_vector']",
+    ),
     "loha": (_mutate_config(peft_type="LOHA"), "'LOHA' adapter"),
     "bias": (_mutate_config(bias="all"), "bias='all'"),
     "modules_to_save": (
@@ -375,8 +419,11 @@ IMPORT_ERRORS = {
     "lora_bias": (_mutate_config(lora_bias=True), "lora_bias=True"),
     "rank_mismatch": (_mutate_config(r=3), "rank 4 in the weights"),
     "no_counterpart": (_mutate_tensors(_add_lm_head), "'lm_head'"),
-    "dora_tensor": (_mutate_tensors(_add_magnitude), "DoRA magnitude"),
-    "missing_b": (_mutate_tensors(_drop_b), "not its partner"),
+    "dora_tensor": (
+        _mutate_tensors(_add_magnitude),
+        "does not set use_dora=True",
+    ),
+    "missing_b": (_mutate_tensors(_drop_b), "but not ['lora_B']"),
     "other_sizes": (_mutate_tensors(_shrink_b), "different base model"),
     "pickle": (_pickle_only, "pickle"),
 }

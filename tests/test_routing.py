@@ -28,6 +28,12 @@ LAYERS = {
         ),
         (5, 3, 2, 3),
     ),
+    "einsum_transposed": (  # output units not trailing: not flat
+        lambda: keras.layers.EinsumDense(
+            "abc,cd->adb", (6, 3), bias_axes="d", name="t"
+        ),
+        (5, 3, 4),
+    ),
     "einsum_ellipsis": (
         lambda: keras.layers.EinsumDense("...b,bc->...c", 6, name="e"),
         (5, 3, 4),
@@ -39,21 +45,31 @@ def _random(shape):
     return RNG.normal(0.0, 0.5, shape).astype("float32")
 
 
-def _reference(make, x_shape):
-    """A LoRA layer holding ADAPTERS as named adapters, with random A, B."""
+def _reference(make, x_shape, dora=()):
+    """A LoRA layer holding ADAPTERS as named adapters, with random A, B
+    (and random magnitudes for the DoRA adapters named in `dora`)."""
     base = make()
     base.build(x_shape)
     for w in base.weights:
         w.assign(_random(w.shape))
     layer = kl.layers.lora_class_for(base).from_layer(
-        base, rank=ADAPTERS["a"][0], alpha=ADAPTERS["a"][1], adapter_name="a"
+        base,
+        rank=ADAPTERS["a"][0],
+        alpha=ADAPTERS["a"][1],
+        adapter_name="a",
+        use_dora="a" in dora,
     )
     for name, (rank, alpha) in ADAPTERS.items():
         if name != "a":
-            layer.add_adapter(name, rank=rank, alpha=alpha)
+            layer.add_adapter(
+                name, rank=rank, alpha=alpha, use_dora=name in dora
+            )
     for name in ADAPTERS:
-        for variable in layer.lora_weights(name):
-            variable.assign(_random(variable.shape))
+        for tensor, variable in layer.adapter_variables(name).items():
+            value = _random(variable.shape)
+            if tensor == "lora_magnitude":  # around the kernel's norms
+                value = to_numpy(variable) * (1.0 + value)
+            variable.assign(value)
     return layer
 
 
@@ -69,7 +85,8 @@ def _per_adapter(layer, x):
 
 
 def _routed_copy(reference, make, x_shape, slots=4):
-    """A routed layer on a copy of `reference`'s base, adapters in slots."""
+    """A routed layer on a copy of `reference`'s base, adapters in slots
+    (a DoRA adapter with its factor computed as the bank does)."""
     base = make()
     base.build(x_shape)
     base.set_weights(reference.base_layer.get_weights())
@@ -77,9 +94,14 @@ def _routed_copy(reference, make, x_shape, slots=4):
     router = routing.Router(max_batch=8)
     weights = routing.attach(layer, router, slots, MAX_RANK)
     for slot, name in enumerate(ADAPTERS):
-        a, b = reference.lora_weights(name)
-        spec = reference.adapter_spec(name)
-        weights.write(slot, to_numpy(a), to_numpy(b), spec.scale)
+        adapter = reference.adapter(name)
+        values = {t: to_numpy(v) for t, v in adapter.variables.items()}
+        scale = adapter.spec.scale
+        factor = adapter.variant.routed_factor(layer, values, scale)
+        if factor is not None:
+            weights.enable_rescaling()
+        a, b = values["lora_a"], values["lora_b"]
+        weights.write(slot, a, b, scale, factor)
     return layer, router
 
 
@@ -121,11 +143,14 @@ def _compiled(layer):
     return call, traces
 
 
+@pytest.mark.parametrize("dora", [(), ("b", "c")], ids=["lora", "dora"])
 @pytest.mark.parametrize("case", sorted(LAYERS))
-def test_mixed_batch_equals_each_adapter_alone(case):
+def test_mixed_batch_equals_each_adapter_alone(case, dora):
+    """Base, LoRA and (with `dora`) DoRA rows in one batch, eager and
+    compiled, each row equal to its adapter alone."""
     make, x_shape = LAYERS[case]
     x = _random(x_shape)
-    reference = _reference(make, x_shape)
+    reference = _reference(make, x_shape, dora)
     expected = _per_adapter(reference, x)
     layer, router = _routed_copy(reference, make, x_shape)
     rows = ["a", None, "b", "c", "a"]
@@ -203,7 +228,7 @@ def test_cost_does_not_depend_on_adapters_written():
     reference = _reference(make, x_shape)
     layer, _ = _routed_copy(reference, make, x_shape, slots=3)
     shapes = [tuple(v.shape) for v in layer.routed_slots.variables]
-    assert shapes == [(4, 4, MAX_RANK), (4, MAX_RANK, 6), (4,)]
+    assert shapes == [(4, 4, MAX_RANK), (4, MAX_RANK, 6), (4,), (4, 6)]
 
 
 def test_batched_equation():

@@ -276,6 +276,7 @@ def _config_from_layers(layer_sites, adapter_name):
         alpha=first.alpha,
         dropout=first.dropout,
         use_rslora=first.use_rslora,
+        use_dora=first.variant == "dora",
         target_modules=[re.escape(p) for p in specs],
         rank_pattern={
             re.escape(p): s.rank

@@ -409,11 +409,19 @@ def _load_config(meta, layers, module_paths):
     saved = meta.get("config") or {}
     first = layers[0][1]
     rank, alpha = first["rank"], first["alpha"]
+    variants = sorted({s.get("variant", "lora") for _, s, *_ in layers})
+    if len(variants) > 1:
+        raise ValueError(
+            f"load_adapter: the adapter mixes variants {variants} across "
+            "its layers; keras_lora loads adapters of one variant. Save "
+            "each variant as its own adapter."
+        )
     return LoraConfig(
         rank=rank,
         alpha=alpha,
         dropout=first["dropout"],
         use_rslora=bool(first.get("use_rslora", False)),
+        use_dora=variants == ["dora"],
         target_modules=[anchored(p) for p, *_ in layers],
         rank_pattern={
             anchored(p): s["rank"] for p, s, *_ in layers if s["rank"] != rank

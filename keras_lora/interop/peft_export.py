@@ -15,6 +15,10 @@ exactly (outputs agree to float32 rounding):
 - Per-module ranks and alphas go to `rank_pattern`/`alpha_pattern` (exact
   module paths); rsLoRA is kept when every layer uses it, otherwise the
   alphas carry the scale.
+- DoRA adapters (`use_dora=True`): each module's `lora_magnitude_vector`
+  is its parts' magnitudes, concatenated like B's rows. A part of a fused
+  module without the adapter gets its base kernel's norms, so PEFT's
+  factor there is 1 and those rows keep their base output.
 """
 
 import collections
@@ -26,9 +30,11 @@ import warnings
 import keras
 import numpy as np
 
+from keras_lora.files.paths import base_of, lora_class_of
 from keras_lora.interop import peft_format
 from keras_lora.interop.layout import hf_prefix, resolve
 from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.dora import MAGNITUDE
 from keras_lora.model.records import applied_config, check_portable
 from keras_lora.version import VERSION
 
@@ -86,11 +92,12 @@ def export_peft(
         )
     adapted = _adapted_layers(model, layout, adapter_name, where)
     use_rslora = all(spec.use_rslora for _, spec in adapted.values())
+    use_dora = _variant(adapted, adapter_name, where) == "dora"
     modules = {}
     for name, slot in layout.slots.items():
         parts = [adapted.get(site.path) for site in slot.sites]
         if any(parts):
-            modules[name] = _fuse(slot, parts, use_rslora)
+            modules[name] = _fuse(slot, parts, use_rslora, use_dora)
     dropouts = sorted({spec.dropout for _, spec in adapted.values()})
     if len(dropouts) > 1:
         warnings.warn(
@@ -101,11 +108,15 @@ def export_peft(
         )
     config = _peft_config(layout, modules, use_rslora, dropouts[-1], task_type)
     config["base_model_name_or_path"] = base_model_name_or_path
+    config["use_dora"] = use_dora
     prefix = peft_format.KEY_PREFIX + hf_prefix(layout, task_type)
     tensors = {}
-    for name, (a, b, _, _) in modules.items():
+    for name, (a, b, _, _, magnitude) in modules.items():
         tensors[f"{prefix}{name}.lora_A.weight"] = a
         tensors[f"{prefix}{name}.lora_B.weight"] = b
+        if use_dora:
+            suffix = peft_format.MAGNITUDE_SUFFIX
+            tensors[f"{prefix}{name}.{suffix}"] = magnitude
     metadata = {
         "format": "pt",
         "exported_by": f"keras_lora {VERSION}",
@@ -167,8 +178,22 @@ def _adapted_layers(model, layout, adapter_name, where):
     return result
 
 
-def _fuse(slot, parts, use_rslora):
-    """`(A, B, rank, alpha)` in PEFT layout for one HF module.
+def _variant(adapted, adapter_name, where):
+    """The one variant of the adapter's layers (`"lora"` or `"dora"`)."""
+    variants = sorted({spec.variant for _, spec in adapted.values()})
+    if len(variants) > 1 or variants[0] not in ("lora", "dora"):
+        raise ValueError(
+            f"{where}: adapter {adapter_name!r} is a {variants} adapter; "
+            "PEFT holds one of plain LoRA or DoRA per adapter. Fix: export "
+            "the layers of each variant as their own adapter, or save with "
+            "keras_lora.save_adapter."
+        )
+    return variants[0]
+
+
+def _fuse(slot, parts, use_rslora, use_dora):
+    """`(A, B, rank, alpha, magnitude)` in PEFT layout for one HF module
+    (`magnitude` None unless `use_dora`).
 
     `parts[i]` is `(layer, spec)` for an adapted part, else None.
     """
@@ -213,13 +238,34 @@ def _fuse(slot, parts, use_rslora):
         alpha = spec.alpha
     else:
         alpha = common * (math.sqrt(rank) if use_rslora else rank)
-    return lora_a, lora_b, rank, _tidy(alpha)
+    magnitude = None
+    if use_dora:
+        magnitude = np.concatenate(
+            [
+                _magnitude(site, part)
+                for site, part in zip(slot.sites, parts, strict=True)
+            ]
+        )
+    return lora_a, lora_b, rank, _tidy(alpha), magnitude
+
+
+def _magnitude(site, part):
+    """A part's DoRA magnitude, flat; the base kernel's norms per output
+    unit (a factor of 1) for a part without the adapter."""
+    if part is not None:
+        layer, spec = part
+        return _numpy(layer.adapter_variables(spec.name)[MAGNITUDE]).ravel()
+    cls, base = lora_class_of(site.layer), base_of(site.layer)
+    kernel = _numpy(cls.kernel_of(base)).astype("float64")
+    outputs = cls.kernel_output_axes(base)
+    axes = tuple(i for i in range(kernel.ndim) if i not in outputs)
+    return np.sqrt(np.sum(kernel**2, axis=axes)).astype("float32").ravel()
 
 
 def _peft_config(layout, modules, use_rslora, dropout, task_type):
     arch = layout.architecture
-    ranks = collections.Counter(rank for _, _, rank, _ in modules.values())
-    alphas = collections.Counter(alpha for _, _, _, alpha in modules.values())
+    ranks = collections.Counter(m[2] for m in modules.values())
+    alphas = collections.Counter(m[3] for m in modules.values())
     r = ranks.most_common(1)[0][0]
     lora_alpha = alphas.most_common(1)[0][0]
     blocks = collections.defaultdict(set)
@@ -254,14 +300,12 @@ def _peft_config(layout, modules, use_rslora, dropout, task_type):
         "layers_to_transform": layers_to_transform,
         "layers_pattern": layers_pattern,
         "rank_pattern": {
-            re.escape(name): rank
-            for name, (_, _, rank, _) in modules.items()
-            if rank != r
+            re.escape(name): m[2] for name, m in modules.items() if m[2] != r
         },
         "alpha_pattern": {
-            re.escape(name): alpha
-            for name, (_, _, _, alpha) in modules.items()
-            if alpha != lora_alpha
+            re.escape(name): m[3]
+            for name, m in modules.items()
+            if m[3] != lora_alpha
         },
         "fan_in_fan_out": arch.fan_in_fan_out,
         "bias": "none",

@@ -6,6 +6,10 @@ wrapped model's module paths:
 
     base_model.model.<module>.lora_A.weight    (r, in_features)
     base_model.model.<module>.lora_B.weight    (out_features, r)
+    base_model.model.<module>.lora_magnitude_vector    (out_features,)
+
+(the magnitude only with `use_dora=True`: DoRA, one value per output
+feature, `keras_lora.layers.dora`).
 
 `<module>` is the path in the HF model PEFT wrapped: `transformer.h.0.attn.
 c_attn` in `GPT2LMHeadModel`, `h.0.attn.c_attn` in `GPT2Model`. Ranks and
@@ -30,13 +34,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$"
+    r"^base_model\.model\.(?P<module>.+)\."
+    r"(?:lora_(?P<ab>[AB])\.weight|(?P<magnitude>lora_magnitude_vector))$"
 )
+MAGNITUDE_SUFFIX = "lora_magnitude_vector"
 
 # PEFT settings keras_lora cannot reproduce: (field, what it is, the fix).
 # Any value other than None/False/empty turns the variant on.
 _VARIANTS = (
-    ("use_dora", "DoRA (use_dora=True)", "merge_and_unload() it in PEFT"),
     ("lora_bias", "a trained bias on lora_B (lora_bias=True)", None),
     ("use_qalora", "QA-LoRA (use_qalora=True)", None),
     ("use_bdlora", "block-diagonal LoRA (use_bdlora)", None),
@@ -60,9 +65,9 @@ _VARIANTS = (
 # reproduce the fine-tuned model unless PEFT converted it to plain LoRA.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 _DEFAULT_FIX = (
-    "keras_lora implements plain LoRA only; merge the adapter into the "
-    "base model in PEFT (merge_and_unload) and convert the merged model "
-    "instead"
+    "keras_lora implements plain LoRA and DoRA; merge the adapter into "
+    "the base model in PEFT (merge_and_unload) and convert the merged "
+    "model instead"
 )
 
 
@@ -158,6 +163,10 @@ def check_config(config, config_path, where):
             "save it from PEFT with path_initial_model_for_weight_conversion "
             "(plain LoRA), or merge it and convert the merged model",
         )
+    if config.get("use_dora", False) not in (True, False):
+        fail(
+            f"has an invalid 'use_dora': {config['use_dora']!r}", "fix the file"
+        )
     for field in ("r", "lora_alpha"):
         value = config.get(field)
         if not _is_number(value) or value <= 0:
@@ -173,31 +182,36 @@ def check_config(config, config_path, where):
             fail(f"has an invalid {field!r}: {patterns!r}", "fix the file")
 
 
-def group_by_module(tensors, where):
-    """`{module: (A, B)}` from PEFT tensor keys; raises on any other key."""
-    pairs = {}
+def group_by_module(tensors, use_dora, where):
+    """`{module: (A, B, magnitude)}` from PEFT tensor keys (the magnitude
+    None unless `use_dora`); raises on any other key or a missing one."""
+    parts = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{where}: {_unknown_key_message(key)}")
-        module = match.group("module")
-        pairs.setdefault(module, {})[match.group("ab")] = value
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            have = "lora_" + next(iter(pair))
+        part = "M" if match.group("magnitude") else match.group("ab")
+        parts.setdefault(match.group("module"), {})[part] = value
+    want = {"A", "B", "M"} if use_dora else {"A", "B"}
+    names = {"A": "lora_A", "B": "lora_B", "M": MAGNITUDE_SUFFIX}
+    for module, found in parts.items():
+        if "M" in found and not use_dora:
             raise ValueError(
-                f"{where}: module '{module}' has {have} but not its partner; "
-                "the adapter file is incomplete."
+                f"{where}: module '{module}' has a DoRA magnitude "
+                f"({MAGNITUDE_SUFFIX}) but the config does not set "
+                "use_dora=True; the files are inconsistent."
             )
-    return {m: (p["A"], p["B"]) for m, p in pairs.items()}
+        missing = sorted(names[p] for p in want - set(found))
+        if missing:
+            raise ValueError(
+                f"{where}: module '{module}' has "
+                f"{sorted(names[p] for p in found)} but not {missing}; the "
+                "adapter file is incomplete."
+            )
+    return {m: (p["A"], p["B"], p.get("M")) for m, p in parts.items()}
 
 
 def _unknown_key_message(key):
-    if "lora_magnitude_vector" in key:
-        return (
-            f"tensor '{key}' is a DoRA magnitude vector; keras_lora does not "
-            f"implement DoRA. Fix: {_DEFAULT_FIX}."
-        )
     if "lora_embedding_" in key:
         return (
             f"tensor '{key}' is LoRA on an embedding; keras_lora adapts "

@@ -3,7 +3,10 @@
 The PEFT tensors are rearranged into keras_lora's own adapter layout (one
 A/B pair per keras-hub layer; a fused module's A is copied to each part
 and its B split by output rows), then checked and loaded by the same code
-as `keras_lora.load_adapter`, so a failed import changes nothing.
+as `keras_lora.load_adapter`, so a failed import changes nothing. A DoRA
+adapter (`use_dora=True`) brings one magnitude per output feature, split
+by output rows like B: DoRA's norm is per output unit, so each part of a
+fused module computes exactly its rows of the fused module's output.
 """
 
 import os
@@ -18,6 +21,7 @@ from keras_lora.files.loading import (
 from keras_lora.files.paths import base_of, lora_class_of
 from keras_lora.interop import peft_format
 from keras_lora.interop.layout import resolve
+from keras_lora.layers.dora import MAGNITUDE, output_units_shape
 from keras_lora.layers.spec import check_adapter_name
 
 
@@ -48,7 +52,7 @@ def import_peft(model, directory, adapter_name="default", is_trainable=True):
     Raises:
         FileNotFoundError: a file is missing.
         ValueError: the model is not a supported architecture; the adapter
-            is not plain LoRA (DoRA and other PEFT variants, trained
+            is neither plain LoRA nor DoRA (other PEFT variants, trained
             biases, `modules_to_save`, pickled weights); a module has no
             keras-hub counterpart; shapes do not fit the model; the name
             is taken.
@@ -65,16 +69,17 @@ def import_peft(model, directory, adapter_name="default", is_trainable=True):
         )
     directory = os.path.abspath(os.fspath(directory))
     config, tensors = peft_format.read(directory, where)
-    pairs = peft_format.group_by_module(tensors, where)
+    use_dora = bool(config.get("use_dora", False))
+    modules = peft_format.group_by_module(tensors, use_dora, where)
     layers, kl_tensors = {}, {}
-    for full_name, (a, b) in pairs.items():
+    for full_name, (a, b, magnitude) in modules.items():
         slot = _slot_for(layout, full_name, where)
-        for path, spec, part_a, part_b in _split(
-            slot, full_name, a, b, config, where
+        for path, spec, parts in _split(
+            slot, full_name, a, b, magnitude, config, where
         ):
             layers[path] = spec
-            kl_tensors[f"{path}.lora_a"] = part_a
-            kl_tensors[f"{path}.lora_b"] = part_b
+            for tensor, value in parts.items():
+                kl_tensors[f"{path}.{tensor}"] = value
     meta = {
         "layers": layers,
         "modules_to_save": [],
@@ -108,24 +113,26 @@ def _slot_for(layout, full_name, where):
     )
 
 
-def _split(slot, full_name, a, b, config, where):
-    """Yields `(path, spec, A, B)` per keras layer of one PEFT module."""
+def _split(slot, full_name, a, b, magnitude, config, where):
+    """Yields `(path, spec, {tensor: value})` per keras layer of one PEFT
+    module."""
     rank = a.shape[0] if a.ndim == 2 else None
     out = sum(slot.out_dims)
     if (
         rank is None
         or a.shape != (rank, slot.in_dim)
-        or b.shape
-        != (
-            out,
-            rank,
-        )
+        or b.shape != (out, rank)
+        or (magnitude is not None and magnitude.shape != (out,))
     ):
+        got = f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
+        want = f"(r, {slot.in_dim}) and ({out}, r)"
+        if magnitude is not None:
+            got += f" and {peft_format.MAGNITUDE_SUFFIX} {magnitude.shape}"
+            want += f" and ({out},)"
         raise ValueError(
-            f"{where}: module '{full_name}' has lora_A {tuple(a.shape)} and "
-            f"lora_B {tuple(b.shape)}, but this model expects (r, "
-            f"{slot.in_dim}) and ({out}, r). The adapter belongs to a "
-            "different base model (other sizes)."
+            f"{where}: module '{full_name}' has {got}, but this model "
+            f"expects {want}. The adapter belongs to a different base model "
+            "(other sizes)."
         )
     want = peft_format.pattern_value(
         config.get("rank_pattern"), full_name, config["r"]
@@ -143,16 +150,22 @@ def _split(slot, full_name, a, b, config, where):
     for site, width in zip(slot.sites, slot.out_dims, strict=True):
         cls, base = lora_class_of(site.layer), base_of(site.layer)
         a_shape, b_shape = cls.adapter_shapes_for(base, rank)
-        part_a = np.ascontiguousarray(a.T.reshape(a_shape))
-        part_b = np.ascontiguousarray(b[row : row + width].T.reshape(b_shape))
+        parts = {
+            "lora_a": a.T.reshape(a_shape),
+            "lora_b": b[row : row + width].T.reshape(b_shape),
+        }
+        if magnitude is not None:
+            units = output_units_shape(cls, base)
+            parts[MAGNITUDE] = magnitude[row : row + width].reshape(units)
         row += width
+        parts = {k: np.ascontiguousarray(v) for k, v in parts.items()}
         spec = {
             **cls.describe(base),
-            "variant": "lora",
+            "variant": "lora" if magnitude is None else "dora",
             "rank": int(rank),
             "alpha": alpha,
             "dropout": config.get("lora_dropout", 0.0),
             "use_rslora": bool(config.get("use_rslora", False)),
-            "tensors": {"lora_a": list(a_shape), "lora_b": list(b_shape)},
+            "tensors": {k: list(v.shape) for k, v in parts.items()},
         }
-        yield site.path, spec, part_a, part_b
+        yield site.path, spec, parts

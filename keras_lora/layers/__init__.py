@@ -13,6 +13,7 @@ from keras_lora.layers import quantization
 from keras_lora.layers.base import LoraLayer, matmul_trailing
 from keras_lora.layers.conv import LoraConv
 from keras_lora.layers.dense import LoraDense
+from keras_lora.layers.dora import DoraVariant
 from keras_lora.layers.einsum_dense import LoraEinsumDense
 from keras_lora.layers.embedding import LoraEmbedding
 from keras_lora.layers.equation import Factorization, factor_equation
@@ -27,6 +28,7 @@ from keras_lora.layers.spec import AdapterSpec
 
 __all__ = [
     "AdapterSpec",
+    "DoraVariant",
     "Factorization",
     "LoraConv",
     "LoraDense",

@@ -30,7 +30,7 @@ from keras_lora._keras_internals import (
 )
 from keras_lora.layers import quantization
 from keras_lora.layers.registry import lora_class_for
-from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec
+from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec, variant_for
 from keras_lora.layers.variants import get_variant
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -42,6 +42,10 @@ class Adapter:
 
     spec: AdapterSpec
     variables: dict  # tensor name -> keras.Variable, e.g. "lora_a", "lora_b"
+    # Numbers a variant keeps while merged, to unmerge exactly (DoRA's
+    # norms at merge time): numpy arrays, saved in `.keras` files for
+    # merged adapters, never in adapter files.
+    state: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self):
@@ -80,6 +84,7 @@ class LoraLayer(keras.layers.Layer):
         a_initializer=None,
         b_initializer="zeros",
         adapter_name=DEFAULT_ADAPTER,
+        use_dora=False,
         adapters=None,
         active_adapters=None,
         merged_adapters=None,
@@ -98,6 +103,7 @@ class LoraLayer(keras.layers.Layer):
                     use_rslora,
                     a_initializer,
                     b_initializer,
+                    variant_for(use_dora, f"{type(self).__name__}: `use_dora`"),
                 )
             ]
         if kwargs.get("dtype") is None:
@@ -295,6 +301,23 @@ class LoraLayer(keras.layers.Layer):
         """The numpy `kernel` as a `(contracted, outputs)` matrix."""
         raise NotImplementedError
 
+    @classmethod
+    def kernel_output_axes(cls, base_layer):
+        """The kernel axes that are output units (DoRA's magnitude has
+        one entry per unit). The default: the kernel's last axis."""
+        return (len(cls.kernel_shape_of(base_layer)) - 1,)
+
+    def scale_output_units(self, outputs, factor):
+        """`outputs` times `factor`, one value per output unit (shaped as
+        the kernel's output axes). The default fits layers whose output
+        units are the output's trailing axes, in kernel order."""
+        return outputs * factor
+
+    def output_bias(self):
+        """The base layer's bias as its call adds it to the outputs
+        (broadcastable against them), or None."""
+        return getattr(self.base_layer, "bias", None)
+
     def routing_equations(self):
         """`(down, up)` einsums of `project_down`/`project_up`, for routed
         slots (`keras_lora.serving.routing` adds the batch axis to A and
@@ -344,13 +367,16 @@ class LoraLayer(keras.layers.Layer):
         name=None,
         bias_trainable=False,
         adapters=None,
+        use_dora=False,
     ):
         """Wraps a built base layer, sharing (not copying) its variables.
 
         The base kernel (and bias, unless `bias_trainable`) is frozen and the
         base activation moves to the returned layer, which keeps the base
         layer's name unless `name` is given. Arguments as in the drop-in
-        constructor; `adapters` (a list of `AdapterSpec`s or their dicts)
+        constructor (`use_dora=True`: a DoRA adapter, see
+        `keras_lora.layers.dora`); `adapters` (a list of `AdapterSpec`s or
+        their dicts)
         replaces the single adapter they describe (`[]` for none). If
         anything fails, `layer` is left exactly as it was.
         """
@@ -367,6 +393,7 @@ class LoraLayer(keras.layers.Layer):
                 a_initializer=a_initializer,
                 b_initializer=b_initializer,
                 adapter_name=adapter_name,
+                use_dora=use_dora,
                 adapters=adapters,
                 bias_trainable=bias_trainable,
                 name=name or layer.name,
@@ -411,7 +438,7 @@ class LoraLayer(keras.layers.Layer):
                         self, adapter, inputs, outputs, training
                     )
             if self._routed is not None:
-                outputs = outputs + self._routed.branch(inputs)
+                outputs = self._routed.apply(inputs, outputs)
         return self.activation(outputs)
 
     def base_call(self, inputs):
@@ -466,6 +493,9 @@ class LoraLayer(keras.layers.Layer):
         for name, adapter in self._adapters.items():
             for tensor, variable in adapter.variables.items():
                 store[f"{name}.{tensor}"] = variable
+            if name in self._merged:
+                for key, value in adapter.state.items():
+                    store[f"{name}.{key}"] = value
 
     def load_own_variables(self, store):
         for name, adapter in self._adapters.items():
@@ -486,6 +516,15 @@ class LoraLayer(keras.layers.Layer):
                         "differs)."
                     )
                 variable.assign(value)
+            if name in self._merged:
+                prefix = f"{name}."
+                for key in store.keys():
+                    tensor = key[len(prefix) :]
+                    if (
+                        key.startswith(prefix)
+                        and tensor not in adapter.variables
+                    ):
+                        adapter.state[tensor] = np.array(store[key])
 
     # -- adapters -----------------------------------------------------------
 
@@ -539,12 +578,21 @@ class LoraLayer(keras.layers.Layer):
         """`(a_shape, b_shape)` of a rank-`rank` adapter on this layer."""
         return self.adapter_shapes_for(self.base_layer, rank)
 
-    def add_adapter(self, name, rank=8, alpha=None, dropout=0.0, **kwargs):
-        """Adds a new (inactive) adapter; B starts at zero by default."""
+    def add_adapter(
+        self, name, rank=8, alpha=None, dropout=0.0, use_dora=False, **kwargs
+    ):
+        """Adds a new (inactive) adapter; B starts at zero by default.
+
+        `use_dora=True` makes it a DoRA adapter; other keyword arguments
+        are `AdapterSpec` fields."""
         if name in self._specs:
             raise ValueError(
                 f"Layer '{self.name}' already has an adapter named '{name}'. "
                 "Pick another name or delete it first."
+            )
+        if use_dora is not False:
+            kwargs["variant"] = variant_for(
+                use_dora, f"Layer '{self.name}': `use_dora`"
             )
         spec = AdapterSpec(name, rank, alpha, dropout, **kwargs)
         spec.validate(self.name)
@@ -601,7 +649,8 @@ class LoraLayer(keras.layers.Layer):
         return self._routed
 
     def attach_routed_slots(self, slots):
-        """Adds `slots.branch(inputs)` to every call (None detaches)."""
+        """Every call then ends with `slots.apply(inputs, outputs)`
+        (None detaches)."""
         self._routed = slots
 
     # -- merge / unmerge ----------------------------------------------------
@@ -652,12 +701,16 @@ class LoraLayer(keras.layers.Layer):
                 adapter = self._adapters[name]
                 adapter.variant.merge(self, adapter)
                 done.append(adapter)
+                # Variants see what is merged before them (DoRA's norm
+                # is that of the kernel without merged adapters).
+                self._merged = [a.name for a in done]
         except BaseException:
             if requantizing:
                 self._restore_quantized()
             else:
                 for adapter in reversed(done):
                     adapter.variant.unmerge(self, adapter)
+            self._merged = []
             raise
         finally:
             self._requantizing = False
@@ -898,6 +951,7 @@ _WRAPPER_KWARGS = (
     "a_initializer",
     "b_initializer",
     "adapter_name",
+    "use_dora",
     "adapters",
     "active_adapters",
     "merged_adapters",

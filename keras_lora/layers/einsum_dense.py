@@ -115,6 +115,19 @@ class LoraEinsumDense(LoraLayer):
     def routing_equations(self):
         return self.factorization.down, self.factorization.up
 
+    @classmethod
+    def kernel_output_axes(cls, base_layer):
+        factors = factor_equation(base_layer.equation, base_layer.name)
+        kernel = factors.equation.split(",")[1].split("->")[0]
+        return tuple(kernel.index(c) for c in factors.outputs)
+
+    def scale_output_units(self, outputs, factor):
+        f = self.factorization
+        if f.flat:  # the output units are the trailing axes
+            return outputs * factor
+        out = f.equation.split("->")[1]
+        return ops.einsum(f"{out},{f.outputs}->{out}", outputs, factor)
+
     def kernel_matrix(self, kernel):
         f = self.factorization
         letters = f.equation.split(",")[1].split("->")[0]

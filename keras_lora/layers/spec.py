@@ -87,6 +87,11 @@ def check_flag(value, label):
     return value
 
 
+def variant_for(use_dora, label):
+    """The variant name `use_dora` selects: `"dora"` or plain `"lora"`."""
+    return "dora" if check_flag(use_dora, label) else "lora"
+
+
 def kaiming_uniform():
     """loralib's A initializer: uniform in +-1/sqrt(fan_in).
 

@@ -21,7 +21,13 @@ The hooks (PEFT's `LoraVariant` seam, in Keras terms):
 - `delta(layer, adapter)`: the kernel-shaped float32 change of the base
   kernel that the adapter amounts to, where one exists.
 - `merge(layer, adapter)` / `unmerge(layer, adapter)`: fold the adapter
-  into the base kernel and take it out again.
+  into the base kernel and take it out again; `unmerged_kernel(layer,
+  adapter, kernel)`: what `unmerge` would leave of a (float32) `kernel`,
+  without assigning it.
+- `routed_factor(layer, values, scale)`: for serving many adapters in one
+  batch (`keras_lora.serving.routing`), the per-output-unit factor a
+  routed slot applies for this adapter (`values`: its tensors as numpy),
+  or None for a plain low-rank term.
 """
 
 from keras import ops
@@ -57,6 +63,10 @@ class LoraVariant:
     # add_weighted_adapter may mix adapters of this variant (their deltas
     # are `s * A @ B`, linear in each factor).
     combinable = True
+    # AdapterBank can route it per example (`routed_factor`), and whether
+    # its routed slots rescale the layer's output per unit (DoRA).
+    routable = True
+    rescales_outputs = False
 
     def tensor_shapes(self, lora_class, base_layer, spec):
         a_shape, b_shape = lora_class.adapter_shapes_for(base_layer, spec.rank)
@@ -73,8 +83,12 @@ class LoraVariant:
 
     def branch(self, layer, adapter, inputs, training):
         """`s * ((dropout(x) @ A) @ B)`, never building `A @ B`."""
+        x = layer.branch_inputs(inputs, adapter.spec.dropout, training)
+        return self.low_rank(layer, adapter, x)
+
+    def low_rank(self, layer, adapter, x):
+        """`s * ((x @ A) @ B)` (no dropout)."""
         spec = adapter.spec
-        x = layer.branch_inputs(inputs, spec.dropout, training)
         a, b = layer.branch_factors(
             x, adapter.variables["lora_a"], adapter.variables["lora_b"]
         )
@@ -91,6 +105,12 @@ class LoraVariant:
 
     def unmerge(self, layer, adapter):
         layer.add_to_kernel(self.delta(layer, adapter), -1.0)
+
+    def unmerged_kernel(self, layer, adapter, kernel):
+        return kernel - self.delta(layer, adapter)
+
+    def routed_factor(self, layer, values, scale):
+        return None
 
 
 register_variant(LoraVariant())

@@ -259,6 +259,7 @@ def _adapt(txn, site, config, adapter_name):
         alpha=alpha,
         dropout=config.dropout,
         use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
     )
     if config.init == "gaussian":
         kwargs["a_initializer"] = keras.initializers.RandomNormal(

@@ -11,6 +11,7 @@ from keras_lora.layers.spec import (
     check_flag,
     check_rank,
     is_int,
+    variant_for,
 )
 from keras_lora.model.matching import lookup
 
@@ -67,6 +68,9 @@ class LoraConfig:
         modules_to_save: names/path suffixes/regex of extra layers that train
             fully and are saved with the adapter (e.g. a new head).
         use_rslora: scale by `alpha / sqrt(r)`.
+        use_dora: DoRA adapters (weight-decomposed LoRA, as PEFT's
+            `use_dora=True`): a trainable magnitude per output unit on
+            top of A and B (`keras_lora.layers.dora`).
         init: `"default"` (Kaiming-uniform A, zero B), `"gaussian"`
             (A ~ N(0, 1/r), zero B) or `"pissa"` (A, B from the top-r SVD
             of the kernel; the residual stays in the base, outputs unchanged).
@@ -84,6 +88,7 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: list = None
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "default"
 
     def __post_init__(self):
@@ -175,6 +180,18 @@ class LoraConfig:
                 f"{self.init!r}."
             )
         check_flag(self.use_rslora, "LoraConfig.use_rslora")
+        check_flag(self.use_dora, "LoraConfig.use_dora")
+        if self.use_dora and self.init == "pissa":
+            raise ValueError(
+                "LoraConfig: init='pissa' initialises plain LoRA adapters "
+                "only; use it with use_dora=False, or init='default' for "
+                "DoRA."
+            )
+
+    @property
+    def variant(self):
+        """The adapter variant: `"dora"` with `use_dora`, else `"lora"`."""
+        return variant_for(self.use_dora, "LoraConfig.use_dora")
 
     # -- per-layer values ------------------------------------------------
 

@@ -12,6 +12,12 @@ The first adapter that targets a layer wraps that layer (as `apply_lora`
 would, without adapters of its own) and gives it slots: a change of the
 model's structure, after which compiled functions are rebuilt once. Later
 adapters on the same layers change nothing but slot contents.
+
+LoRA and DoRA adapters mix freely in one batch. A DoRA adapter's
+per-output-unit factor `m / ||W + s A B||` depends only on the frozen
+kernel, so it is computed when the adapter enters a slot; the first DoRA
+adapter registered for a layer switches on that layer's rescaling (once,
+like giving it slots).
 """
 
 import collections
@@ -26,6 +32,7 @@ from keras_lora.files.adapter_files import collect_adapter, read_adapter
 from keras_lora.files.loading import check_meta, check_tensors, plan_load
 from keras_lora.files.paths import SiteIndex
 from keras_lora.layers import AdapterSpec, LoraLayer
+from keras_lora.layers.variants import get_variant
 from keras_lora.model import surgery
 from keras_lora.serving import routing
 from keras_lora.serving.checks import check_adapter_values
@@ -39,6 +46,24 @@ _PLAN_NAME = "__keras_lora_bank__"
 
 
 @dataclasses.dataclass
+class HostLayer:
+    """One adapted layer of a registered adapter: its tensors (numpy
+    float32, by name), scale and variant."""
+
+    layer: LoraLayer
+    values: dict
+    scale: float
+    variant: object
+
+    def slot_contents(self):
+        """`(A, B, scale, factor)` to write into a slot (now, since
+        DoRA's factor reads the layer's current kernel)."""
+        factor = self.variant.routed_factor(self.layer, self.values, self.scale)
+        a, b = self.values["lora_a"], self.values["lora_b"]
+        return a, b, self.scale, factor
+
+
+@dataclasses.dataclass
 class HostAdapter:
     """One registered adapter, held on the host."""
 
@@ -46,7 +71,7 @@ class HostAdapter:
     rank: int
     alpha: float
     source: str
-    layers: list  # (LoraLayer, A, B, scale), numpy float32
+    layers: list  # HostLayer per adapted layer
 
     def info(self, resident):
         return {
@@ -170,25 +195,30 @@ class AdapterBank:
                 f"{self.max_rank}. Create the bank (or engine) with "
                 f"max_rank>={max(r for _, r in too_big)}."
             )
-        variants = sorted({spec["variant"] for _, spec, _ in plan.layers})
-        if variants != ["lora"]:
+        variants = [get_variant(s["variant"], where) for _, s, _ in plan.layers]
+        unroutable = sorted({v.name for v in variants if not v.routable})
+        if unroutable:
             raise ValueError(
-                f"AdapterBank: {where} is a {variants} adapter; the bank "
-                "routes plain LoRA adapters. Serve it on its own model "
-                "(keras_lora.load_adapter) instead."
+                f"AdapterBank: {where} is a {unroutable} adapter, which "
+                "the bank cannot route per example. Serve it on its own "
+                "model (keras_lora.load_adapter) instead."
             )
         layers = []
-        for path, spec, values in plan.layers:
-            a, b = values["lora_a"], values["lora_b"]
+        for (path, spec, values), variant in zip(
+            plan.layers, variants, strict=True
+        ):
             layer = self._routed_layer(target, path, prefix)
+            slots = layer.routed_slots
+            if variant.rescales_outputs and slots.enable_rescaling():
+                self.structure_version += 1
+                _reset_compiled(self.model)
             scale = AdapterSpec(
                 rank=spec["rank"],
                 alpha=spec["alpha"],
                 use_rslora=bool(spec.get("use_rslora", False)),
             ).scale
-            layers.append(
-                (layer, np.array(a, "float32"), np.array(b, "float32"), scale)
-            )
+            values = {k: np.array(v, "float32") for k, v in values.items()}
+            layers.append(HostLayer(layer, values, scale, variant))
         first = plan.layers[0][1]
         adapter = HostAdapter(
             name=name,
@@ -298,9 +328,9 @@ class AdapterBank:
             victim = next(n for n in self._resident if n not in keep)
             slot = self._resident.pop(victim)
         adapter = self._adapters[name]
-        targeted = {id(layer) for layer, *_ in adapter.layers}
-        for layer, a, b, scale in adapter.layers:
-            layer.routed_slots.write(slot, a, b, scale)
+        targeted = {id(host.layer) for host in adapter.layers}
+        for host in adapter.layers:
+            host.layer.routed_slots.write(slot, *host.slot_contents())
         for layer in self._layers:
             if id(layer) not in targeted:
                 layer.routed_slots.clear(slot)

@@ -145,6 +145,16 @@ def batched_equation(equation, name="layer"):
     return f"{inputs},{letter}{kernel}->{output}"
 
 
+def unit_scaling_equation(up):
+    """From `up` (`h, B -> y`), the einsum multiplying `y` by one value per
+    output unit: B's axes without the rank axis. `"...r,ro->...o"` gives
+    `"...o,o->...o"`; `"abr,rde->abde"` gives `"abde,de->abde"`."""
+    hidden, rest = up.replace(" ", "").split(",")
+    kernel, output = rest.split("->")
+    rank = next(c for c in kernel if c in hidden and c not in output)
+    return f"{output},{kernel.replace(rank, '')}->{output}"
+
+
 def _not_routable(name, equation):
     return (
         f"Layer '{name}': cannot route adapters per example through "
@@ -159,6 +169,21 @@ class SlotWeights:
     Created by `attach(layer, router, slots, max_rank)`; the variables are
     tracked by `layer` (so compiled functions see them) but not saved with
     it. `write(slot, a, b, scale)` fills a slot by variable assignment.
+
+    DoRA slots. A DoRA adapter also rescales the layer's output per output
+    unit by `f = m / ||W + s A B||` (`keras_lora.layers.dora`), which
+    depends only on the frozen kernel and the adapter, so it is computed
+    once when the adapter enters a slot and stored as `f - 1` (zero for
+    LoRA slots and the base slot). Row `i` then gets
+
+        y_i = out_i + t_i + (f_i - 1) * (out_i - bias + t_i)
+
+    with `out` the layer's un-routed output and `t_i = s (x_i A) B`:
+    exactly the DoRA layer's output, and `out_i + t_i` for LoRA rows. The
+    rescaling costs a few elementwise products per layer, so it is only
+    traced once `enable_rescaling()` was called (the bank does so when a
+    DoRA adapter is registered for the layer, and rebuilds compiled
+    functions then).
     """
 
     def __init__(self, layer, router, slots, max_rank):
@@ -172,39 +197,50 @@ class SlotWeights:
         self.a_shape, self.b_shape = layer.adapter_shapes(self.max_rank)
         rows = self.slots + 1  # the last slot stays zero: routed by -1
         with unlocked_tracker(layer), variable_scopes_of(layer.base_layer):
-            self.a = layer.add_weight(
-                name="lora_a_slots",
-                shape=(rows,) + tuple(self.a_shape),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
+            self.a = _slot_weight(
+                layer, "lora_a_slots", (rows,) + tuple(self.a_shape)
             )
-            self.b = layer.add_weight(
-                name="lora_b_slots",
-                shape=(rows,) + tuple(self.b_shape),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
+            self.b = _slot_weight(
+                layer, "lora_b_slots", (rows,) + tuple(self.b_shape)
             )
-            self.scales = layer.add_weight(
-                name="lora_slot_scales",
-                shape=(rows,),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
+            self.scales = _slot_weight(layer, "lora_slot_scales", (rows,))
+            self.rescales = _slot_weight(
+                layer, "lora_slot_rescales", (rows,) + tuple(self.b_shape[1:])
             )
+        self.rescale = batched_equation(unit_scaling_equation(up), layer.name)
+        self.rescaling = False
         track_variable(layer, router.ids)
 
     @property
     def variables(self):
-        return [self.a, self.b, self.scales]
+        return [self.a, self.b, self.scales, self.rescales]
+
+    def enable_rescaling(self):
+        """Traces DoRA's per-unit rescaling from now on; returns True if
+        that is a change (compiled functions must then be rebuilt)."""
+        changed = not self.rescaling
+        self.rescaling = True
+        return changed
+
+    def apply(self, inputs, outputs):
+        """`outputs` (the layer's un-routed pre-activation output) with
+        every row's routed adapter applied."""
+        term = self.branch(inputs)
+        if not self.rescaling:
+            return outputs + term
+        rescale = ops.take(self.rescales.value, self._slot_ids(inputs), 0)
+        bias = self.layer.output_bias()
+        base = (
+            outputs if bias is None else outputs - ops.cast(bias, outputs.dtype)
+        )
+        rescaled = ops.einsum(
+            self.rescale, base + term, ops.cast(rescale, outputs.dtype)
+        )
+        return outputs + term + rescaled
 
     def branch(self, inputs):
         """The routed low-rank term for `inputs` (batch axis first)."""
-        batch = ops.shape(inputs)[0]
-        ids = self.router.ids.value[:batch]  # (batch,)
-        # -1 (base model) reads the zero slot at the end.
-        slot = ops.where(ids < 0, self.slots, ids)
+        slot = self._slot_ids(inputs)
         # The layer says how its projections read the gathered A and B
         # (an embedding gathers rows of A by token id, a convolution
         # reads its input as patches).
@@ -220,9 +256,26 @@ class SlotWeights:
         hidden = hidden * ops.reshape(scale, (-1,) + (1,) * (rank - 1))
         return layer.routed_project_up(hidden, b, self.up)
 
-    def write(self, slot, a, b, scale):
-        """Puts an adapter's `A`, `B` (numpy, its own rank) in `slot`."""
+    def _slot_ids(self, inputs):
+        batch = ops.shape(inputs)[0]
+        ids = self.router.ids.value[:batch]  # (batch,)
+        # -1 (base model) reads the zero slot at the end.
+        return ops.where(ids < 0, self.slots, ids)
+
+    def write(self, slot, a, b, scale, factor=None):
+        """Puts an adapter's `A`, `B` (numpy, its own rank) in `slot`;
+        `factor`: DoRA's per-output-unit factor (`variant.routed_factor`),
+        None for LoRA."""
         self._check_slot(slot)
+        rescale = np.zeros((1,) + tuple(self.b_shape[1:]), "float32")
+        if factor is not None:
+            if not self.rescaling:
+                raise ValueError(
+                    f"Layer '{self.layer.name}': call enable_rescaling() "
+                    "(and rebuild compiled functions) before writing a "
+                    "DoRA adapter into its slots."
+                )
+            rescale[0] = np.asarray(factor, "float32") - 1.0
         a = np.asarray(a, "float32")
         b = np.asarray(b, "float32")
         rank = a.shape[-1]
@@ -247,6 +300,7 @@ class SlotWeights:
         self._put(self.a, slot, padded_a)
         self._put(self.b, slot, padded_b)
         self._put(self.scales, slot, np.asarray([scale], "float32"))
+        self._put(self.rescales, slot, rescale)
 
     def clear(self, slot):
         """Zeroes `slot` (rows routed to it then get the base output)."""
@@ -266,6 +320,17 @@ class SlotWeights:
     def _put(variable, slot, value):
         start = (slot,) + (0,) * (len(variable.shape) - 1)
         variable.assign(ops.slice_update(variable.value, start, value))
+
+
+def _slot_weight(layer, name, shape):
+    """A zero float32 variable on `layer`, one row per slot."""
+    return layer.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        trainable=False,
+    )
 
 
 def attach(layer, router, slots, max_rank):
