@@ -10,6 +10,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
+from benchmarks.hostile_requests import broken_adapter_copies
 from keras_lora.serving import command, demo, errors
 from keras_lora.serving.engine import Completion, CompletionRequest, Engine
 from keras_lora.serving.scheduler import Scheduler
@@ -273,6 +275,8 @@ def _corrupt_copies(root, adapters):
 
 
 def test_bad_input(served, demo_files):
+    """Each bad request: its status, the words its message names, and the
+    field it names as `param`."""
     client, _, engine = served
     root, _, adapters = demo_files
     truncated, no_config, bad_json = _corrupt_copies(str(root), adapters)
@@ -288,59 +292,276 @@ def test_bad_input(served, demo_files):
 
     long_prompt = {"json": {"prompt": "word " * (limit + 5)}}
     huge_body = {"content": b" " * (2 << 20), "headers": json_type}
-    # (method, path, request arguments, status, words the message names)
+    # (method, path, request arguments, status, words, param)
     cases = [
-        ("POST", completions, fields(adapter="nope"), 404, ["nope"]),
+        ("POST", completions, fields(adapter="nope"), 404, ["nope"], "adapter"),
         (
             "POST",
             completions,
             {"content": b'{"prompt": ', "headers": json_type},
             400,
             ["JSON"],
+            "body",
         ),
-        ("POST", completions, {"content": b"x=1"}, 422, ["JSON object"]),
-        ("POST", completions, {"json": ["x"]}, 422, ["JSON object"]),
-        ("POST", completions, {"json": {}}, 422, ["prompt"]),
-        ("POST", completions, {"json": {"prompt": 7}}, 422, ["prompt"]),
-        ("POST", completions, fields(adapter=3), 422, ["adapter"]),
-        ("POST", completions, fields(max_tokens="5"), 422, ["max_tokens"]),
-        ("POST", completions, fields(max_tokens=0), 422, ["max_tokens"]),
-        ("POST", completions, fields(max_tokens=True), 422, ["max_tokens"]),
-        ("POST", completions, fields(temperature=-1), 422, ["temperature"]),
-        ("POST", completions, fields(top_k=0), 422, ["top_k"]),
-        ("POST", completions, fields(top_p=1.5), 422, ["top_p"]),
-        ("POST", completions, fields(seed="s"), 422, ["seed"]),
-        ("POST", completions, fields(stream=True), 422, ["stream"]),
-        ("POST", completions, long_prompt, 400, [str(limit)]),
-        ("POST", completions, fields(max_tokens=10**6), 400, []),
-        ("POST", completions, huge_body, 413, ["bytes"]),
+        (
+            "POST",
+            completions,
+            {"content": b"x=1"},
+            422,
+            ["JSON object"],
+            "body",
+        ),
+        ("POST", completions, {"json": ["x"]}, 422, ["JSON object"], "body"),
+        ("POST", completions, {"json": {}}, 422, ["prompt"], "prompt"),
+        (
+            "POST",
+            completions,
+            {"json": {"prompt": 7}},
+            422,
+            ["prompt"],
+            "prompt",
+        ),
+        ("POST", completions, fields(adapter=3), 422, ["adapter"], "adapter"),
+        (
+            "POST",
+            completions,
+            fields(max_tokens="5"),
+            422,
+            ["max_tokens"],
+            "max_tokens",
+        ),
+        (
+            "POST",
+            completions,
+            fields(max_tokens=0),
+            422,
+            ["max_tokens"],
+            "max_tokens",
+        ),
+        (
+            "POST",
+            completions,
+            fields(max_tokens=True),
+            422,
+            ["max_tokens"],
+            "max_tokens",
+        ),
+        (
+            "POST",
+            completions,
+            fields(temperature=-1),
+            422,
+            ["temperature"],
+            "temperature",
+        ),
+        ("POST", completions, fields(top_k=0), 422, ["top_k"], "top_k"),
+        ("POST", completions, fields(top_p=1.5), 422, ["top_p"], "top_p"),
+        ("POST", completions, fields(seed="s"), 422, ["seed"], "seed"),
+        ("POST", completions, fields(stream=True), 422, ["stream"], "stream"),
+        ("POST", completions, long_prompt, 400, [str(limit)], "prompt"),
+        (
+            "POST",
+            completions,
+            fields(max_tokens=10**6),
+            400,
+            ["max_tokens"],
+            "max_tokens",
+        ),
+        ("POST", completions, huge_body, 413, ["bytes"], "body"),
         (
             "POST",
             load,
             adapter("t", truncated),
             422,
             ["adapter_model.safetensors"],
+            "path",
         ),
-        ("POST", load, adapter("t", no_config), 422, ["adapter_config.json"]),
-        ("POST", load, adapter("t", bad_json), 422, ["adapter_config.json"]),
-        ("POST", load, adapter("t", str(root / "absent")), 422, ["absent"]),
-        ("POST", load, {"json": {"name": "t"}}, 422, ["path"]),
-        ("POST", load, adapter("../t", adapters["a2"]), 422, ["name"]),
-        ("POST", load, adapter("a0", adapters["a2"]), 409, ["a0"]),
-        ("DELETE", "/v1/adapters/nope", {}, 404, ["nope"]),
-        ("GET", completions, {}, 405, []),
-        ("GET", "/v2/nothing", {}, 404, []),
+        (
+            "POST",
+            load,
+            adapter("t", no_config),
+            422,
+            ["adapter_config.json"],
+            "path",
+        ),
+        (
+            "POST",
+            load,
+            adapter("t", bad_json),
+            422,
+            ["adapter_config.json"],
+            "path",
+        ),
+        (
+            "POST",
+            load,
+            adapter("t", str(root / "absent")),
+            422,
+            ["absent"],
+            "path",
+        ),
+        ("POST", load, {"json": {"name": "t"}}, 422, ["path"], "path"),
+        ("POST", load, adapter("../t", adapters["a2"]), 422, ["name"], "name"),
+        ("POST", load, adapter("a0", adapters["a2"]), 409, ["a0"], "name"),
+        ("DELETE", "/v1/adapters/nope", {}, 404, ["nope"], "name"),
+        ("GET", completions, {}, 405, [], None),
+        ("GET", "/v2/nothing", {}, 404, [], None),
     ]
-    for method, path, kwargs, status, words in cases:
+    for method, path, kwargs, status, words, param in cases:
         response = client.request(method, path, **kwargs)
         label = f"{method} {path} {kwargs.get('json', '')!s:.60}"
         assert response.status_code == status, (label, response.text)
-        message = error_of(response)["message"]
+        error = error_of(response)
         for word in words:
-            assert word in message, (label, message)
+            assert word in error["message"], (label, error["message"])
+        assert error["param"] == param, (label, error)
     # A failed load registered nothing; the server still serves.
     names = [a["name"] for a in client.get("/v1/adapters").json()["data"]]
     assert "t" not in names
+    assert_healthy(client)
+
+
+def _raw_json(text):
+    return {
+        "content": text.encode(),
+        "headers": {"content-type": "application/json"},
+    }
+
+
+# (request arguments for POST /v1/completions, status, param). Numbers of
+# any size, non-finite numbers, text UTF-8 cannot encode, odd keys: each a
+# 4xx naming its field, never a 500.
+HOSTILE_FIELDS = [
+    ({"json": {"prompt": "x", "top_k": 10**6}}, 400, "top_k"),
+    ({"json": {"prompt": "x", "top_k": 2**64}}, 400, "top_k"),
+    (_raw_json('{"prompt": "x", "top_k": 1e6}'), 422, "top_k"),
+    ({"json": {"prompt": "x", "seed": 2**63}}, 422, "seed"),
+    ({"json": {"prompt": "x", "seed": 2**64}}, 422, "seed"),
+    ({"json": {"prompt": "x", "seed": -1}}, 422, "seed"),
+    ({"json": {"prompt": "x", "max_tokens": 2**64}}, 400, "max_tokens"),
+    ({"json": {"prompt": "x", "temperature": 1e6}}, 422, "temperature"),
+    (_raw_json('{"prompt": "x", "temperature": NaN}'), 422, "temperature"),
+    (_raw_json('{"prompt": "x", "temperature": 1e400}'), 422, "temperature"),
+    (_raw_json('{"prompt": "x", "top_p": Infinity}'), 422, "top_p"),
+    (_raw_json('{"prompt": "x", "top_p": -Infinity}'), 422, "top_p"),
+    ({"json": {"prompt": "x", "top_p": 0}}, 422, "top_p"),
+    # json.dumps escapes lone surrogates (httpx cannot send them).
+    (_raw_json(json.dumps({"prompt": "a\ud800b"})), 400, "prompt"),
+    (
+        _raw_json(json.dumps({"prompt": "x", "adapter": "a\udc80"})),
+        422,
+        "adapter",
+    ),
+    ({"json": {"prompt": "x", "adapter": "a" * 1000}}, 422, "adapter"),
+    (_raw_json(json.dumps({"prompt": "x", "\ud800": 1})), 422, "body"),
+    ({"json": {"prompt": "x" * 300_000}}, 400, "prompt"),
+    (_raw_json("[" * 100_000), 400, "body"),
+    (_raw_json('{"prompt": "x", "seed": ' + "9" * 5000 + "}"), 400, "body"),
+]
+
+
+@pytest.mark.parametrize("request_, status, param", HOSTILE_FIELDS)
+def test_hostile_fields_are_4xx_naming_the_field(
+    served, request_, status, param
+):
+    client, _, _ = served
+    response = client.post("/v1/completions", **request_)
+    assert response.status_code == status, response.text
+    assert error_of(response)["param"] == param
+
+
+def test_extreme_valid_values_are_served(served):
+    client, _, engine = served
+    for options in (
+        {"seed": 2**31},
+        {"seed": 2**63 - 1},
+        {"seed": 2**32 + 5, "top_k": engine.vocabulary_size, "top_p": 1.0},
+        {"seed": 0, "temperature": 100.0},
+        {"seed": 1, "temperature": 1e-300},  # float32 0: greedy in effect
+    ):
+        body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0.8}
+        response = client.post("/v1/completions", json={**body, **options})
+        assert response.status_code == 200, (options, response.text)
+
+
+def _read_response(sock):
+    """Status, headers and body of one HTTP/1.1 response on `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_chunked_body_over_the_limit_is_refused_before_it_ends(served):
+    """A body with no Content-Length (chunked) that passes the limit gets
+    413 at once: the server does not wait for the rest (here the client
+    never sends the end), and closes the connection."""
+    client, _, _ = served
+    limit = 1 << 20  # create_app's default max_body_bytes
+    piece = b"x" * 65536
+    with socket.create_connection(("127.0.0.1", client.base_url.port)) as sock:
+        sock.settimeout(20)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(limit // len(piece) + 1):  # one piece past the limit
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        status, headers, body = _read_response(sock)
+        assert status == 413, body
+        error = json.loads(body)["error"]
+        assert error["param"] == "body"
+        assert str(limit) in error["message"]
+        assert headers.get("connection") == "close"
+        try:  # closed (reset, when unread data was left): never read
+            rest = sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+    assert_healthy(client)
+
+
+def test_chunked_body_within_the_limit_is_served(served):
+    client, _, _ = served
+
+    def pieces():
+        yield b'{"prompt": "Hel'
+        yield b'lo", "max_tokens": 2}'
+
+    response = client.post(
+        "/v1/completions",
+        content=pieces(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_non_finite_adapters_are_refused_and_not_registered(served, demo_files):
+    client, _, _ = served
+    root, _, adapters = demo_files
+    copies = broken_adapter_copies(adapters["a2"], str(root / "non_finite"))
+    for what, path in copies.items():
+        response = client.post(
+            "/v1/adapters", json={"name": what, "path": path}
+        )
+        assert response.status_code == 422, (what, response.text)
+        error = error_of(response)
+        assert error["param"] == "path"
+        assert path in error["message"], (what, error["message"])
+        listing = client.get("/v1/adapters")
+        assert listing.status_code == 200, listing.text
+        assert what not in [a["name"] for a in listing.json()["data"]]
     assert_healthy(client)
 
 

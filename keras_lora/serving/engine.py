@@ -2,10 +2,15 @@
 
 The HTTP server (`keras-lora serve`) calls an `Engine` from one worker
 thread: `validate` each request as it arrives, then `complete` a batch of
-them. `complete` groups requests by sampling options (one compiled generate
-function per sampler, cached), pads each group to a bucketed batch size and
-sequence length (so a handful of shapes compile, once each), and runs every
-group as one routed pass: rows of different adapters share the pass.
+them. `complete` groups the requests as greedy, sampled, or sampled with
+top-k/top-p, and runs each group in passes of at most `max_batch` rows and
+`slots` adapters, padded to a bucketed batch size and sequence length (so
+a handful of shapes compile, once each): rows of different adapters share
+a pass. Sampling options are per-row runtime inputs of the group's one
+compiled function (`keras_lora.serving.sampling.RowSampler`): no
+temperature, top-k, top-p or seed value recompiles anything, rows with
+different options share a pass, and a seeded row gives the same text
+whatever shares its pass.
 
 Token accounting: `prompt_tokens` counts the prompt's tokens without the
 start token the model adds; `completion_tokens` counts the returned tokens
@@ -21,15 +26,18 @@ import math
 import keras
 import numpy as np
 
+from keras_lora.serving import checks
 from keras_lora.serving.bank import AdapterBank
 from keras_lora.serving.errors import (
     AdapterLoadError,
     RequestError,
     UnknownAdapterError,
 )
+from keras_lora.serving.generation import split_batch
 
 _LENGTH_BUCKET = 16  # sequence lengths are rounded up to a multiple of this
-_CACHED_SAMPLERS = 16
+MAX_TEMPERATURE = 100.0
+_GREEDY = ("greedy",)
 
 
 @dataclasses.dataclass
@@ -39,10 +47,10 @@ class CompletionRequest:
     prompt: str
     adapter: str | None = None  # None = base model
     max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    temperature: float = 0.0  # 0 = greedy; at most MAX_TEMPERATURE
+    top_k: int | None = None  # 1 .. the vocabulary size
+    top_p: float | None = None  # (0, 1]
+    seed: int | None = None  # 0 .. 2**63 - 1
 
 
 @dataclasses.dataclass
@@ -71,6 +79,11 @@ class Engine:
             start token). Defaults to the backbone's
             `max_sequence_length`, and cannot exceed it.
         max_rank: the largest adapter rank accepted.
+
+    Prompts longer in UTF-8 than `max_prompt_bytes` (`max_prompt_tokens`
+    times the longest vocabulary entry's UTF-8 length: with byte-level
+    BPE no token stands for more text than that) are refused before they
+    are tokenized, so a huge prompt costs the worker nothing.
 
     Example:
 
@@ -119,6 +132,13 @@ class Engine:
             )
         self.max_total_tokens = int(max_total_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
+        self.max_prompt_bytes = _max_prompt_bytes(
+            self.tokenizer, self.max_prompt_tokens
+        )
+        self.vocabulary_size = int(
+            getattr(causal_lm.backbone, "vocabulary_size", None)
+            or self.tokenizer.vocabulary_size()
+        )
         bank = AdapterBank.of(causal_lm)
         if bank is None:
             bank = AdapterBank(
@@ -157,12 +177,22 @@ class Engine:
         if isinstance(name, str) and name in self.bank:
             raise AdapterLoadError(
                 f"An adapter named {name!r} is already loaded. Unload it "
-                f"first (DELETE /v1/adapters/{name}), or pick another name."
+                f"first (DELETE /v1/adapters/{name}), or pick another name.",
+                "name",
             )
         try:
             return self.bank.register(name, directory)
-        except (ValueError, FileNotFoundError, TypeError, OSError) as error:
-            raise AdapterLoadError(str(error)) from None
+        except (ValueError, TypeError, OSError) as error:
+            raise AdapterLoadError(str(error), "path") from None
+        except Exception as error:  # noqa: BLE001 - a hostile file
+            # Whatever else a crafted file makes the reader raise, it is
+            # still a file that cannot be loaded; the bank registered
+            # nothing (it registers last).
+            raise AdapterLoadError(
+                f"The adapter in '{directory}' cannot be loaded "
+                f"({type(error).__name__}: {error}).",
+                "path",
+            ) from None
 
     def unload_adapter(self, name):
         """Unregisters adapter `name` (raises `UnknownAdapterError`)."""
@@ -178,45 +208,59 @@ class Engine:
         return int(np.asarray(ids).reshape(-1).shape[0])
 
     def validate(self, request):
-        """Raises `RequestError` or `UnknownAdapterError` for a bad request."""
+        """Raises `RequestError` or `UnknownAdapterError` for a bad request.
+
+        The errors' `param` names the field. Cheap checks come first: a
+        prompt is tokenized only once everything else is known to be fine.
+        """
         if not isinstance(request, CompletionRequest):
             raise RequestError(
                 f"Expected a CompletionRequest, got {type(request).__name__}."
             )
-        if not isinstance(request.prompt, str):
-            raise RequestError(
-                f"'prompt' must be a string, got "
-                f"{type(request.prompt).__name__}."
-            )
+        checks.check_text(request.prompt, "prompt")
         if request.adapter is not None:
-            if not isinstance(request.adapter, str):
-                raise RequestError(
-                    f"'adapter' must be a string or null, got "
-                    f"{type(request.adapter).__name__}."
-                )
-            if request.adapter not in self.bank:
-                raise UnknownAdapterError(
-                    f"Unknown adapter {request.adapter!r}. Loaded adapters: "
-                    f"{self.bank.names[:20] or 'none'} (GET /v1/adapters; "
-                    "load one with POST /v1/adapters)."
-                )
-        _check_int(request.max_tokens, "max_tokens", low=1)
-        _check_number(request.temperature, "temperature", low=0.0)
+            checks.check_text(request.adapter, "adapter")
+        checks.check_int(request.max_tokens, "max_tokens", low=1)
+        most = self.max_total_tokens - 1
+        if request.max_tokens > most:
+            raise RequestError(
+                f"'max_tokens' is {checks.show(request.max_tokens)}, but "
+                f"there is room for at most {most} new tokens "
+                f"(max_total_tokens {self.max_total_tokens}, even with an "
+                "empty prompt). Lower max_tokens.",
+                "max_tokens",
+            )
+        checks.check_number(
+            request.temperature, "temperature", 0.0, MAX_TEMPERATURE
+        )
         if request.top_k is not None:
-            _check_int(request.top_k, "top_k", low=1)
+            checks.check_int(request.top_k, "top_k", 1, self.vocabulary_size)
         if request.top_p is not None:
-            _check_number(request.top_p, "top_p", low=0.0)
-            if not 0.0 < request.top_p <= 1.0:
-                raise RequestError(
-                    f"'top_p' must be in (0, 1], got {request.top_p}."
-                )
+            checks.check_number(request.top_p, "top_p", 0, 1, low_open=True)
         if request.seed is not None:
-            _check_int(request.seed, "seed", low=0)
+            checks.check_int(request.seed, "seed", 0, checks.MAX_SEED)
+        size = len(request.prompt.encode("utf-8"))
+        if self.max_prompt_bytes is not None and size > self.max_prompt_bytes:
+            raise RequestError(
+                f"The prompt is {size} bytes long: more than the "
+                f"{self.max_prompt_tokens}-token limit can hold with this "
+                f"tokenizer ({self.max_prompt_bytes} bytes at most). "
+                "Shorten the prompt.",
+                "prompt",
+            )
+        if request.adapter is not None and request.adapter not in self.bank:
+            raise UnknownAdapterError(
+                f"Unknown adapter {checks.show(request.adapter, 140)}. "
+                f"Loaded adapters: {self.bank.names[:20] or 'none'} (GET "
+                "/v1/adapters; load one with POST /v1/adapters).",
+                "adapter",
+            )
         prompt_tokens = self.count_tokens(request.prompt)
         if prompt_tokens > self.max_prompt_tokens:
             raise RequestError(
                 f"The prompt has {prompt_tokens} tokens; the limit is "
-                f"{self.max_prompt_tokens}. Shorten the prompt."
+                f"{self.max_prompt_tokens}. Shorten the prompt.",
+                "prompt",
             )
         room = self.max_total_tokens - 1 - prompt_tokens
         if request.max_tokens > room:
@@ -225,51 +269,35 @@ class Engine:
                 f"{prompt_tokens}-token prompt leaves room for at most "
                 f"{room} new tokens (max_total_tokens "
                 f"{self.max_total_tokens}). Lower max_tokens or shorten the "
-                "prompt."
+                "prompt.",
+                "max_tokens",
             )
 
     def complete(self, requests):
         """Completes `requests` (a list), batched and routed; in order.
 
-        Requests with the same sampling options share a pass (up to
-        `max_batch` rows and `slots` adapters); a request with a `seed`
-        runs on its own, so its result does not depend on its neighbours.
+        Greedy requests share passes, and so do sampled ones (of any
+        temperature, top-k, top-p and seed), up to `max_batch` rows and
+        `slots` distinct adapters a pass; more adapters than slots take
+        several passes.
         """
         requests = list(requests)
         for request in requests:
             self.validate(request)
         groups = collections.OrderedDict()
         for index, request in enumerate(requests):
-            key = _sampling_key(request)
-            if request.seed is not None and key[0] != "greedy":
-                key = key + (index,)
-            groups.setdefault(key, []).append(index)
+            groups.setdefault(_sampling_key(request), []).append(index)
         results = [None] * len(requests)
         for key, indices in groups.items():
-            for chunk in self._chunks(indices, requests):
-                outputs = self._run(key, [requests[i] for i in chunk])
-                for i, completion in zip(chunk, outputs, strict=True):
+            names = [requests[i].adapter for i in indices]
+            for batch in split_batch(names, self.bank.slots, self.max_batch):
+                rows = [indices[j] for j in batch]
+                outputs = self._run(key, [requests[i] for i in rows])
+                for i, completion in zip(rows, outputs, strict=True):
                     results[i] = completion
         return results
 
     # -- internals ------------------------------------------------------------
-
-    def _chunks(self, indices, requests):
-        """Splits `indices` into runs of <= max_batch rows, <= slots names."""
-        chunk, names = [], set()
-        for i in indices:
-            name = requests[i].adapter
-            new = name is not None and name not in names
-            if len(chunk) == self.max_batch or (
-                new and len(names) == self.bank.slots
-            ):
-                yield chunk
-                chunk, names = [], set()
-            chunk.append(i)
-            if name is not None:
-                names.add(name)
-        if chunk:
-            yield chunk
 
     def _run(self, key, requests):
         rows = len(requests)
@@ -289,7 +317,11 @@ class Engine:
         inputs = preprocessor.generate_preprocess(
             prompts, sequence_length=length
         )
-        generate = self._generator(key, requests[0])
+        sampler, generate = self._generator(key)
+        if key != _GREEDY:
+            sampler.set_rows(
+                (r.temperature, r.top_k, r.top_p, r.seed) for r in requests
+            )
         with self.bank.routing(adapters):
             outputs = generate(inputs, stop_token_ids=(self.end_token_id,))
         token_ids = np.asarray(keras.ops.convert_to_numpy(outputs["token_ids"]))
@@ -326,90 +358,61 @@ class Engine:
         )
         if isinstance(text, np.ndarray):
             text = text.item()
-        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        if isinstance(text, bytes):
+            # Byte-level tokens can end inside a UTF-8 character.
+            return text.decode("utf-8", errors="replace")
+        return str(text)
 
-    def _generator(self, key, request):
-        """The model's compiled generate function for sampling `key`."""
+    def _generator(self, key):
+        """The sampler and compiled generate function of sampling `key`.
+
+        One of each per key (greedy, sampled, sampled with top-k/top-p),
+        built again only when the bank changed the model's structure.
+        """
         lm = self.causal_lm
         entry = self._generators.get(key)
         version = self.bank.structure_version
         if entry is None or entry[2] != version:
-            sampler = _make_sampler(request)
-            initial = [
-                np.array(v.numpy() if hasattr(v, "numpy") else v)
-                for v in _seed_states(sampler)
-            ]
+            sampler = self._make_sampler(key)
             lm.sampler = sampler
             lm.generate_function = None
-            entry = (sampler, lm.make_generate_function(), version, initial)
+            entry = (sampler, lm.make_generate_function(), version)
             self._generators[key] = entry
-            while len(self._generators) > _CACHED_SAMPLERS:
-                self._generators.popitem(last=False)
-        else:
-            self._generators.move_to_end(key)
-        sampler, function, _, initial = entry
+        sampler, function, _ = entry
         lm.sampler = sampler
         lm.generate_function = function
-        if request.seed is not None:
-            # A seeded request gives the same text every time: rewind the
-            # sampler's random state.
-            for variable, value in zip(
-                _seed_states(sampler), initial, strict=True
-            ):
-                variable.assign(value)
-        return function
+        return sampler, function
+
+    def _make_sampler(self, key):
+        import keras_hub
+
+        from keras_lora.serving.sampling import RowSampler
+
+        if key == _GREEDY:
+            return keras_hub.samplers.GreedySampler()
+        return RowSampler(self.max_batch, self.vocabulary_size, key[1])
 
 
 def _sampling_key(request):
     if request.temperature == 0:
-        return ("greedy",)
-    return (
-        "sample",
-        float(request.temperature),
-        request.top_k,
-        request.top_p,
-        request.seed,
+        return _GREEDY
+    return ("sample", request.top_k is not None or request.top_p is not None)
+
+
+def _max_prompt_bytes(tokenizer, max_prompt_tokens):
+    """The longest prompt, in UTF-8 bytes, that can fit `max_prompt_tokens`.
+
+    None when the tokenizer does not list its vocabulary.
+    """
+    try:
+        vocabulary = tokenizer.get_vocabulary()
+    except Exception:  # noqa: BLE001 - no bound, prompts are tokenized
+        return None
+    longest = max(
+        (len(str(t).encode("utf-8", "surrogatepass")) for t in vocabulary),
+        default=0,
     )
-
-
-def _make_sampler(request):
-    import keras_hub
-
-    samplers = keras_hub.samplers
-    if request.temperature == 0:
-        return samplers.GreedySampler()
-    kwargs = dict(temperature=float(request.temperature), seed=request.seed)
-    if request.top_p is not None:
-        return samplers.TopPSampler(
-            p=float(request.top_p), k=request.top_k, **kwargs
-        )
-    if request.top_k is not None:
-        return samplers.TopKSampler(k=int(request.top_k), **kwargs)
-    return samplers.RandomSampler(**kwargs)
-
-
-def _seed_states(sampler):
-    return list(getattr(sampler, "variables", []) or [])
-
-
-def _check_int(value, field, low):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RequestError(
-            f"'{field}' must be an integer, got {type(value).__name__}."
-        )
-    if value < low:
-        raise RequestError(f"'{field}' must be >= {low}, got {value}.")
-
-
-def _check_number(value, field, low):
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise RequestError(
-            f"'{field}' must be a number, got {type(value).__name__}."
-        )
-    if not math.isfinite(value) or value < low:
-        raise RequestError(
-            f"'{field}' must be a finite number >= {low}, got {value}."
-        )
+    return longest * max_prompt_tokens if longest else None
 
 
 __all__ = [

@@ -1,8 +1,17 @@
-"""Errors of the serving layer; the HTTP server maps them to 4xx answers."""
+"""Errors of the serving layer; the HTTP server maps them to 4xx answers.
+
+Each carries `param`: the request field it is about (`"prompt"`,
+`"top_k"`, `"path"`, ...), or None when it is about the request as a
+whole. The server reports it as the error's `param`.
+"""
 
 
 class ServingError(Exception):
     """Base class of the errors below."""
+
+    def __init__(self, message="", param=None):
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterLoadError(ServingError, ValueError):

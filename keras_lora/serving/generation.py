@@ -2,7 +2,8 @@
 
 Wraps a keras-hub `CausalLM`'s own `generate` (compiled with `jax.jit` or
 `tf.function` as usual): the prompts go through in one batch while the
-model's `AdapterBank` routes row `i` to `adapters[i]`.
+model's `AdapterBank` routes row `i` to `adapters[i]`, or in several
+(`split_batch`) when they use more adapters than the bank has slots.
 """
 
 import keras
@@ -38,7 +39,9 @@ def generate(
 
     Returns:
         A string for a string prompt, else a list of strings, in order.
-        Batches larger than the bank's `max_batch` run in chunks.
+        A batch with more rows than the bank's `max_batch`, or more
+        distinct adapters than its `slots`, runs in several passes
+        (`split_batch`); each row's text is what it would be alone.
 
     Example:
 
@@ -67,22 +70,46 @@ def generate(
             )
     if sampler is not None:
         use_sampler(causal_lm, sampler)
-    outputs = []
-    step = len(prompts) if bank is None else bank.max_batch
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start : start + step]
-        kwargs = dict(
-            max_length=max_length,
-            stop_token_ids=stop_token_ids,
-            strip_prompt=strip_prompt,
-        )
-        if bank is None:
-            outputs += list(causal_lm.generate(chunk, **kwargs))
-            continue
-        with bank.routing(adapters[start : start + step]):
-            outputs += list(causal_lm.generate(chunk, **kwargs))
+    kwargs = dict(
+        max_length=max_length,
+        stop_token_ids=stop_token_ids,
+        strip_prompt=strip_prompt,
+    )
+    if bank is None:
+        outputs = list(causal_lm.generate(prompts, **kwargs))
+    else:
+        outputs = [None] * len(prompts)
+        for rows in split_batch(adapters, bank.slots, bank.max_batch):
+            with bank.routing([adapters[i] for i in rows]):
+                done = causal_lm.generate([prompts[i] for i in rows], **kwargs)
+            for i, output in zip(rows, done, strict=True):
+                outputs[i] = output
     outputs = [_to_str(o) for o in outputs]
     return outputs[0] if single else outputs
+
+
+def split_batch(names, slots, max_batch):
+    """Row indices of `names` in passes the bank can route.
+
+    Each pass has at most `max_batch` rows and `slots` distinct adapter
+    names (`None`, the base model, takes no slot). Adapters are taken in
+    order of first use, `slots` at a time, and their rows keep their order;
+    base-model rows join the first pass. Returns a list of index lists.
+
+    >>> split_batch(["a", None, "b", "c", "a"], slots=2, max_batch=8)
+    [[0, 1, 2, 4], [3]]
+    """
+    distinct = list(dict.fromkeys(n for n in names if n is not None))
+    group = {name: i // slots for i, name in enumerate(distinct)}
+    groups = [[] for _ in range(max(1, -(-len(distinct) // slots)))]
+    for row, name in enumerate(names):
+        groups[0 if name is None else group[name]].append(row)
+    return [
+        rows[start : start + max_batch]
+        for rows in groups
+        for start in range(0, len(rows), max_batch)
+        if rows
+    ]
 
 
 def use_sampler(causal_lm, sampler):
