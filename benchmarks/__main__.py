@@ -53,6 +53,7 @@ class Workload:
     report: str  # markdown file name, without ".md"
     options: tuple = ()  # runner options it accepts, e.g. ("with_w2",)
     in_all: bool = True  # run by `all` (the default), or only when named
+    backends: tuple = ("jax", "tensorflow", "torch")  # where it can run
 
 
 # Registry, in run order (`all` takes those with `in_all`). The name goes
@@ -88,6 +89,14 @@ WORKLOADS = {
         "when named.",
         "server_throughput",
         in_all=False,
+    ),
+    "sharded": Workload(
+        "benchmarks.sharded",
+        "Per-device memory of full fine-tuning vs LoRA under ModelParallel "
+        "(GPT-2 base shape, 8 simulated devices; JAX only, only when named).",
+        "sharded",
+        in_all=False,
+        backends=("jax",),
     ),
 }
 ALL = [name for name, workload in WORKLOADS.items() if workload.in_all]
@@ -141,6 +150,9 @@ def run_workload(name, args, backends, command, date):
     suffix = "-quick" if args.quick else ""
     statuses, results = {}, []
     for backend in backends:
+        if backend not in workload.backends:
+            statuses[backend] = f"skipped ({name} runs on {workload.backends})"
+            continue
         out = f"{date}-{name}-{backend}{suffix}.json"
         out = os.path.join(args.out_dir, out)
         print(f"== {name}: backend {backend} ==", flush=True)

@@ -228,3 +228,14 @@ def rebuild_sequential(model):
     method; calling it once after several swaps avoids rebuilding per layer.
     """
     model._maybe_rebuild()
+
+
+def layout_map_of(distribution):
+    """The `LayoutMap` of a `keras.distribution.ModelParallel` (None for
+    other distributions).
+
+    Adapter layouts (`keras_lora.layers.layouts`) must tell an exact key
+    from a regex and skip regexes written for base weights; Keras exposes
+    only the lookup result (`get_tensor_layout`), not the map's keys.
+    """
+    return getattr(distribution, "_layout_map", None)

@@ -29,6 +29,7 @@ from keras_lora._keras_internals import (
     untrack_variable,
 )
 from keras_lora.layers import quantization
+from keras_lora.layers.layouts import adapter_layout
 from keras_lora.layers.registry import lora_class_for
 from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec, variant_for
 from keras_lora.layers.variants import get_variant
@@ -317,6 +318,13 @@ class LoraLayer(keras.layers.Layer):
         """The base layer's bias as its call adds it to the outputs
         (broadcastable against them), or None."""
         return getattr(self.base_layer, "bias", None)
+
+    @property
+    def kernel_transposed(self):
+        """True while the call in progress computes with the kernel
+        transposed (a tied embedding's reverse call): the kernel's output
+        units are then the input's last axis."""
+        return False
 
     def routing_equations(self):
         """`(down, up)` einsums of `project_down`/`project_up`, for routed
@@ -926,16 +934,19 @@ class LoraLayer(keras.layers.Layer):
         variables = {}
         shapes = variant.tensor_shapes(type(self), self.base_layer, spec)
         for tensor, shape in shapes.items():
+            name = f"{tensor}_{spec.name}"
             # Adapter weights stay float32 under mixed precision: small
             # updates would underflow in float16, and merge needs full
-            # precision.
-            variables[tensor] = self.add_weight(
-                name=f"{tensor}_{spec.name}",
-                shape=shape,
-                initializer=variant.initializer(tensor, spec),
-                dtype="float32",
-                trainable=True,
-            )
+            # precision. Under keras.distribution their layout follows the
+            # base kernel's (`layouts`).
+            with adapter_layout(self, tensor, name):
+                variables[tensor] = self.add_weight(
+                    name=name,
+                    shape=shape,
+                    initializer=variant.initializer(tensor, spec),
+                    dtype="float32",
+                    trainable=True,
+                )
         adapter = Adapter(spec, variables)
         variant.initialize(self, adapter)
         self._adapters[spec.name] = adapter

@@ -55,6 +55,7 @@ from keras_lora._keras_internals import (
 )
 from keras_lora.layers import LoraLayer, lora_class_for, supported_layer_types
 from keras_lora.layers.base import variable_scopes_of
+from keras_lora.layers.layouts import adapter_layout, replicated_layout
 
 
 class Router:
@@ -79,12 +80,13 @@ class Router:
                 f"{max_batch!r}."
             )
         self.max_batch = int(max_batch)
-        self.ids = keras.Variable(
-            np.full((self.max_batch,), -1, "int32"),
-            dtype="int32",
-            trainable=False,
-            name=name,
-        )
+        with replicated_layout(name):
+            self.ids = keras.Variable(
+                np.full((self.max_batch,), -1, "int32"),
+                dtype="int32",
+                trainable=False,
+                name=name,
+            )
 
     def set(self, slot_ids):
         """Routes row `i` to slot `slot_ids[i]` (`-1`: base model)."""
@@ -196,16 +198,22 @@ class SlotWeights:
         self.up = batched_equation(up, layer.name)
         self.a_shape, self.b_shape = layer.adapter_shapes(self.max_rank)
         rows = self.slots + 1  # the last slot stays zero: routed by -1
+        # Under keras.distribution the stacked A and B are laid out like
+        # the layer's own adapters (following its kernel), the slot axis
+        # replicated (`keras_lora.layers.layouts`).
         with unlocked_tracker(layer), variable_scopes_of(layer.base_layer):
             self.a = _slot_weight(
-                layer, "lora_a_slots", (rows,) + tuple(self.a_shape)
+                layer, "lora_a", "lora_a_slots", (rows,) + tuple(self.a_shape)
             )
             self.b = _slot_weight(
-                layer, "lora_b_slots", (rows,) + tuple(self.b_shape)
+                layer, "lora_b", "lora_b_slots", (rows,) + tuple(self.b_shape)
             )
-            self.scales = _slot_weight(layer, "lora_slot_scales", (rows,))
+            self.scales = _slot_weight(layer, None, "lora_slot_scales", (rows,))
             self.rescales = _slot_weight(
-                layer, "lora_slot_rescales", (rows,) + tuple(self.b_shape[1:])
+                layer,
+                "lora_magnitude",
+                "lora_slot_rescales",
+                (rows,) + tuple(self.b_shape[1:]),
             )
         self.rescale = batched_equation(unit_scaling_equation(up), layer.name)
         self.rescaling = False
@@ -228,6 +236,14 @@ class SlotWeights:
         term = self.branch(inputs)
         if not self.rescaling:
             return outputs + term
+        if self.layer.kernel_transposed:
+            raise ValueError(
+                f"Layer '{self.layer.name}': DoRA adapters are routed per "
+                "example through its forward call only, not its reverse "
+                "(tied logits) call. Serve DoRA adapters on the token "
+                "embedding on their own model (keras_lora.load_adapter), "
+                "or train them without the embedding."
+            )
         rescale = ops.take(self.rescales.value, self._slot_ids(inputs), 0)
         bias = self.layer.output_bias()
         base = (
@@ -322,15 +338,17 @@ class SlotWeights:
         variable.assign(ops.slice_update(variable.value, start, value))
 
 
-def _slot_weight(layer, name, shape):
-    """A zero float32 variable on `layer`, one row per slot."""
-    return layer.add_weight(
-        name=name,
-        shape=shape,
-        initializer="zeros",
-        dtype="float32",
-        trainable=False,
-    )
+def _slot_weight(layer, tensor, name, shape):
+    """A zero float32 variable on `layer` stacking adapter tensor `tensor`
+    on its leading (slot) axis; `tensor=None`: one number per slot."""
+    with adapter_layout(layer, tensor, name, stacked=True):
+        return layer.add_weight(
+            name=name,
+            shape=shape,
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+        )
 
 
 def attach(layer, router, slots, max_rank):
