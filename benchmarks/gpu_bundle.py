@@ -61,9 +61,10 @@ TARGET_ENVIRONMENT = {
 BUNDLED = ("keras", "keras-hub", "namex", "optree", "kagglehub", "kagglesdk")
 # Left out on purpose, with the reason (printed by the check).
 LEFT_OUT = {
-    "tensorflow-text": "needs TensorFlow, whose wheel alone is over the "
-    "64 MiB limit; keras-hub uses it only in its TensorFlow tokenizer "
-    "layers, which the pack does not use",
+    "tensorflow-text": "needs TensorFlow, which the GPU machine lacks and "
+    "whose wheel is far over the 64 MiB limit; keras-hub imports and builds "
+    "its models without it (its tokenizers and preprocessing layers use it; "
+    "the pack feeds token ids)",
 }
 # The GPU machine's Python packages (the device notes' list, read there on
 # 2026-11-17); only their names are known here, not their versions.

@@ -213,14 +213,34 @@ def ratios(step):
     out = {}
     for label, top, bottom in RATIO_PAIRS:
         value = result["ratios"]["step"].get(label)
-        memory = (None, False)
+        memory = (None, "")
         if top in variants and bottom in variants:
             a, a_exact = memory_value(variants[top], basis)
             b, b_exact = memory_value(variants[bottom], basis)
             if a is not None and b:
-                memory = (a / b, a_exact and b_exact)
+                memory = (a / b, BOUND[(a_exact, b_exact)])
         out[label] = {"step": value, "memory": memory}
     return out, basis
+
+
+# A ratio of two peaks, each exact or an upper bound: exact, an upper
+# bound, a lower bound, or unknown ("?").
+BOUND = {
+    (True, True): "",
+    (False, True): "<=",
+    (True, False): ">=",
+    (False, False): "?",
+}
+
+
+def meets(value, bound, limit):
+    """Whether a ratio (`value`, its `bound` kind) is <= `limit`: True,
+    False, or None where the bound cannot tell."""
+    if value is None or bound == "?":
+        return None
+    if value <= limit:
+        return True if bound in ("", "<=") else None
+    return False if bound in ("", ">=") else None
 
 
 def target_rows(steps):
@@ -233,13 +253,10 @@ def target_rows(steps):
             for quantity, label, bound, backend in TARGETS:
                 if backend not in (None, step["backend"]):
                     continue
-                value = measured[label][quantity]
-                exact = True
+                value, kind = measured[label][quantity], ""
                 if quantity == "memory":
-                    value, exact = value
-                met = None
-                if value is not None and exact:
-                    met = value <= bound
+                    value, kind = value
+                met = meets(value, kind, bound)
                 what = "step" if quantity == "step" else f"memory ({basis})"
                 rows.append(
                     {
@@ -247,9 +264,9 @@ def target_rows(steps):
                         "precision": precision,
                         "backend": step["backend"],
                         "target": f"{what} {label} <= {bound:.2f}",
-                        "measured": value,
+                        "measured": _bounded(value, kind),
                         "met": {True: "yes", False: "**no**"}.get(
-                            met, "n/a" if exact else "n/a (peak not exact)"
+                            met, "n/a (JAX peak not exact)" if kind else "n/a"
                         ),
                     }
                 )
@@ -308,8 +325,8 @@ def _training_section(steps, mode):
             row["backend"] = step["backend"]
             for label, _, _ in RATIO_PAIRS:
                 row[f"step {label}"] = measured[label]["step"]
-            value, exact = measured["keras_lora/full"]["memory"]
-            row["memory keras_lora/full"] = _bounded(value, exact)
+            value, kind = measured["keras_lora/full"]["memory"]
+            row["memory keras_lora/full"] = _bounded(value, kind)
             row["memory basis"] = basis
             ratio_rows.append(row)
     lines += [
@@ -368,10 +385,15 @@ def _variant_rows(step, precision):
     return rows
 
 
-def _bounded(value, exact):
+def _bounded(value, kind):
+    """A figure with its bound kind: "" or True (exact), False or "<="
+    (an upper bound), ">=" (a lower bound), "?" (unknown)."""
     if value is None:
         return None
-    return value if exact else f"<= {value:.2f}"
+    kind = {True: "", False: "<="}.get(kind, kind)
+    if kind == "":
+        return value
+    return f"{value:.2f} ?" if kind == "?" else f"{kind} {value:.2f}"
 
 
 def _generate_section(steps):

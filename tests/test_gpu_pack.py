@@ -244,7 +244,7 @@ def _train_step(backend, unit, step_ratios, peaks, exact=None):
     }
 
 
-def test_targets_use_the_device_peak_and_refuse_inexact_ones():
+def test_targets_use_the_device_peak_and_its_bounds():
     peaks = {"keras_lora": 600.0, "builtin": 900.0, "full": 1000.0, "peft": 1}
     steps = [
         _train_step(
@@ -272,12 +272,31 @@ def test_targets_use_the_device_peak_and_refuse_inexact_ones():
     assert memory["measured"] == pytest.approx(0.6) and memory["met"] == "yes"
     peft = rows[("jax", "step keras_lora/peft <= 0.80")]
     assert peft["met"] == "**no**"
+    # full's peak only an upper bound: the ratio is a lower bound.
     inexact = rows[("torch", "memory (device peak) keras_lora/full <= 0.65")]
-    assert inexact["met"] == "n/a (peak not exact)"
+    assert inexact["measured"] == ">= 0.60"
+    assert inexact["met"] == "n/a (JAX peak not exact)"
     assert rows[("torch", "step keras_lora/full <= 0.70")]["met"] == "**no**"
     assert not any(
         "peft" in target for backend, target in rows if backend == "torch"
     )
+
+
+@pytest.mark.parametrize(
+    "value, kind, met",
+    [
+        (0.6, "", True),
+        (0.7, "", False),
+        (0.6, "<=", True),  # an upper bound under the limit
+        (0.7, "<=", None),
+        (0.6, ">=", None),
+        (0.7, ">=", False),  # a lower bound over the limit
+        (0.6, "?", None),
+        (None, "", None),
+    ],
+)
+def test_a_bounded_ratio_meets_a_target_only_when_it_can_tell(value, kind, met):
+    assert gpu_report.meets(value, kind, 0.65) is met
 
 
 class FakeProbe:
