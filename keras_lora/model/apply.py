@@ -236,6 +236,11 @@ def _no_match_message(model, config, sites):
     else:
         what = f"target_modules={wanted!r}"
         hint = "Check the names against the model's layer paths."
+        if any(preset_category(p) for p in _as_list(wanted)):
+            hint = (
+                "Presets select layers by kind ('all-linear' leaves out "
+                "the model's output layer); name layers to add others."
+            )
         queries = [wanted] if isinstance(wanted, str) else list(wanted)
     close = []
     for query in queries:
@@ -249,6 +254,10 @@ def _no_match_message(model, config, sites):
         f"'{model.name}' "
         f"matches {what}{extra}. {hint} Closest layer names: {close}."
     )
+
+
+def _as_list(patterns):
+    return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
 def _adapt(txn, site, config, adapter_name):
