@@ -2,6 +2,7 @@
 
     memory = kl.callbacks.MemoryUsage(batches=(1, 10))
     timer = kl.callbacks.StepTimer(batch_size=8, sequence_length=128)
+    # or StepTimer() for step times alone, StepTimer(example_batch=x[:8])
     model.fit(x, y, epochs=2, callbacks=[memory, timer])
     memory.summary()["overhead_bytes"], timer.tokens_per_second
 
@@ -212,28 +213,60 @@ class StepTimer(keras.callbacks.Callback):
     to Python numbers at each step end, which waits for the step's device
     work (asynchronous dispatch would otherwise hide it).
 
+    Step times and steps/s need nothing else. Samples/s need the batch
+    size and tokens/s the sequence length too: pass them, or pass one
+    batch of inputs as `example_batch` and they are read from its shape
+    (the leading axis is the batch; the second axis of a token-id array,
+    `token_ids` in a dict, is the sequence).
+
     Args:
-        batch_size: samples per step, for samples/s.
+        batch_size: samples per step, for samples/s (optional).
         sequence_length: tokens per sample, for tokens/s (optional).
         warmup: steps not counted (compilation, caches). Default 2.
+        example_batch: one batch of inputs (an array, a dict or a tuple
+            of arrays, or anything with `.shape`), read for whichever of
+            `batch_size` and `sequence_length` is not given.
+
+    Example:
+
+    ```python
+    timer = kl.callbacks.StepTimer()
+    model.fit(x, y, batch_size=8, callbacks=[timer])
+    timer.median_step_time, timer.steps_per_second
+    timer = kl.callbacks.StepTimer(example_batch=x[:8])  # + samples/s
+    ```
     """
 
-    def __init__(self, batch_size, sequence_length=None, warmup=2):
+    def __init__(
+        self,
+        batch_size=None,
+        sequence_length=None,
+        warmup=2,
+        example_batch=None,
+    ):
         super().__init__()
-        if not _is_step(batch_size):
-            raise ValueError(
-                f"StepTimer: batch_size must be a positive integer; got "
-                f"{batch_size!r}."
-            )
-        if sequence_length is not None and not _is_step(sequence_length):
-            raise ValueError(
-                f"StepTimer: sequence_length must be a positive integer or "
-                f"None; got {sequence_length!r}."
-            )
-        if not isinstance(warmup, int) or warmup < 0:
+        for name, value in (
+            ("batch_size", batch_size),
+            ("sequence_length", sequence_length),
+        ):
+            if value is not None and not _is_step(value):
+                raise ValueError(
+                    f"StepTimer: {name} must be a positive integer or None; "
+                    f"got {value!r}."
+                )
+        if not isinstance(warmup, int) or isinstance(warmup, bool):
             raise ValueError(
                 f"StepTimer: warmup must be an integer >= 0; got {warmup!r}."
             )
+        if warmup < 0:
+            raise ValueError(
+                f"StepTimer: warmup must be an integer >= 0; got {warmup!r}."
+            )
+        if example_batch is not None:
+            read_batch, read_length = batch_sizes(example_batch)
+            batch_size = batch_size if batch_size is not None else read_batch
+            if sequence_length is None:
+                sequence_length = read_length
         self.batch_size = batch_size
         self.sequence_length = sequence_length
         self.warmup = warmup
@@ -275,12 +308,22 @@ class StepTimer(keras.callbacks.Callback):
         return statistics.median(self.step_times)
 
     @property
-    def samples_per_second(self):
+    def steps_per_second(self):
+        """`1 / median_step_time` (`None` if no step was timed)."""
         median = self.median_step_time
-        return None if median is None else self.batch_size / median
+        return None if median is None else 1.0 / median
+
+    @property
+    def samples_per_second(self):
+        """Samples per second at the median step (needs `batch_size`)."""
+        steps = self.steps_per_second
+        if steps is None or self.batch_size is None:
+            return None
+        return steps * self.batch_size
 
     @property
     def tokens_per_second(self):
+        """Tokens per second (needs `batch_size` and `sequence_length`)."""
         samples = self.samples_per_second
         if samples is None or self.sequence_length is None:
             return None
@@ -293,6 +336,7 @@ class StepTimer(keras.callbacks.Callback):
             "warmup_steps": len(self.warmup_times),
             "timed_steps": len(self.step_times),
             "median_step_time_s": self.median_step_time,
+            "steps_per_second": self.steps_per_second,
             "samples_per_second": self.samples_per_second,
             "tokens_per_second": self.tokens_per_second,
             "step_times_s": list(self.step_times),
@@ -304,3 +348,63 @@ class StepTimer(keras.callbacks.Callback):
         if path is not None:
             _write_json(path, data)
         return data
+
+
+def batch_sizes(example_batch):
+    """`(batch_size, sequence_length)` read from one batch of inputs.
+
+    `example_batch` is the inputs `x` of one batch: an array (anything
+    with `.shape`) or a dict of arrays (keras-hub's `{"token_ids": ...,
+    "padding_mask": ...}`); a list or tuple is read as `(x, y[,
+    sample_weight])`, and a batched `tf.data.Dataset` by its
+    `element_spec` (nothing is iterated). The batch size is the leading
+    axis of the first array found (`None` if unknown). The sequence length
+    is the second axis of `token_ids` if present, else of the first array
+    with an integer dtype and at least two axes (token ids), else `None`.
+    """
+    if hasattr(example_batch, "element_spec"):  # a tf.data.Dataset
+        example_batch = example_batch.element_spec
+    if isinstance(example_batch, (list, tuple)) and example_batch:
+        example_batch = example_batch[0]  # (x, y[, sample_weight]): x
+    arrays = list(_leaves(example_batch))
+    if not arrays:
+        raise ValueError(
+            "StepTimer: example_batch holds no arrays; pass one batch of "
+            "inputs (an array or a dict/tuple of arrays), or give "
+            "batch_size and sequence_length instead."
+        )
+    batch_size = _dimension(arrays[0], 0)
+    tokens = None
+    if isinstance(example_batch, dict) and "token_ids" in example_batch:
+        tokens = example_batch["token_ids"]
+    else:
+        for array in arrays:
+            if len(array.shape) >= 2 and _is_integer(array):
+                tokens = array
+                break
+    length = None if tokens is None else _dimension(tokens, 1)
+    return batch_size, length
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    elif hasattr(value, "shape"):
+        yield value
+
+
+def _dimension(array, axis):
+    shape = tuple(array.shape)
+    if len(shape) <= axis or shape[axis] is None:
+        return None
+    size = int(shape[axis])
+    return size if size > 0 else None
+
+
+def _is_integer(array):
+    name = str(getattr(array, "dtype", ""))
+    return "int" in name

@@ -10,7 +10,13 @@ from keras_lora.version import VERSION as __version__
 
 
 def backend_info():
-    """Backend, devices and library versions, as a dict."""
+    """Backend, devices and library versions, as a dict.
+
+    Only the running backend is imported (for its devices); the other
+    libraries' versions come from their installed package metadata, so
+    `keras-lora info` under JAX never starts TensorFlow (and its CUDA
+    probing and log lines).
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -22,15 +28,30 @@ def backend_info():
         "platform": platform.platform(),
     }
     info["devices"] = _devices(backend)
-    for module in ("jax", "tensorflow", "torch", "keras_hub"):
-        mod = sys.modules.get(module)
-        if mod is None:
-            try:
-                mod = __import__(module)
-            except Exception:  # noqa: BLE001 - any import failure: absent
-                continue
-        info[module] = getattr(mod, "__version__", "unknown")
+    for module, distribution in _LIBRARIES:
+        version = _installed_version(distribution)
+        if version is not None:
+            info[module] = version
     return info
+
+
+# (module name, distribution name) of the libraries `info` reports.
+_LIBRARIES = (
+    ("jax", "jax"),
+    ("tensorflow", "tensorflow"),
+    ("torch", "torch"),
+    ("keras_hub", "keras-hub"),
+)
+
+
+def _installed_version(distribution):
+    """The installed version of `distribution`, without importing it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _devices(backend):
@@ -74,6 +95,7 @@ def _cmd_info(args):
 COMMAND_MODULES = (
     "keras_lora.comparison.command",
     "keras_lora.serving.command",
+    "keras_lora.distributed.command",
 )
 
 

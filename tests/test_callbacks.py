@@ -253,3 +253,54 @@ def test_step_timer_without_sequence_length_and_bad_args():
         kl.callbacks.StepTimer(batch_size=2, sequence_length=1.5)
     with pytest.raises(ValueError, match="warmup"):
         kl.callbacks.StepTimer(batch_size=2, warmup=-1)
+    with pytest.raises(ValueError, match="example_batch holds no arrays"):
+        kl.callbacks.StepTimer(example_batch={"a": [1, 2]})
+
+
+def test_step_timer_without_any_size_gives_step_times():
+    timer = kl.callbacks.StepTimer(warmup=1)
+    assert timer.steps_per_second is None
+    _tiny_fit([_SleepAtEnd(), timer], steps=4, batch_size=2)
+    assert len(timer.step_times) == 3
+    assert timer.batch_size is None and timer.sequence_length is None
+    assert timer.steps_per_second == pytest.approx(1 / timer.median_step_time)
+    assert timer.samples_per_second is None
+    assert timer.tokens_per_second is None
+    summary = timer.summary()
+    assert summary["steps_per_second"] == timer.steps_per_second
+    assert summary["samples_per_second"] is None
+    assert json.dumps(summary)  # plain data
+
+
+def test_step_timer_reads_sizes_from_an_example_batch():
+    tokens = np.zeros((8, 128), "int32")
+    batch = {"token_ids": tokens, "padding_mask": np.ones((8, 128), bool)}
+    timer = kl.callbacks.StepTimer(example_batch=batch)
+    assert (timer.batch_size, timer.sequence_length) == (8, 128)
+    # (x, y): read from x; float features have no sequence length.
+    features = np.zeros((4, 16), "float32")
+    timer = kl.callbacks.StepTimer(example_batch=(features, np.zeros(4)))
+    assert (timer.batch_size, timer.sequence_length) == (4, None)
+    # Backend tensors work too; sizes given explicitly win.
+    x = keras.ops.zeros((2, 32), "int32")
+    timer = kl.callbacks.StepTimer(batch_size=3, example_batch=x)
+    assert (timer.batch_size, timer.sequence_length) == (3, 32)
+    sizes = kl.callbacks.batch_sizes([{"token_ids": tokens}, tokens])
+    assert sizes == (8, 128)
+
+    timer = kl.callbacks.StepTimer(warmup=0, example_batch=features)
+    _tiny_fit([timer], steps=3, batch_size=4)
+    assert timer.samples_per_second == pytest.approx(4 * timer.steps_per_second)
+    assert timer.tokens_per_second is None
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.data on tensorflow")
+def test_step_timer_reads_a_tf_data_element_spec():
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((12, 10), "int32"), np.zeros((12, 10), "int32"))
+    ).batch(4, drop_remainder=True)
+    assert kl.callbacks.batch_sizes(dataset) == (4, 10)
+    ragged = dataset.unbatch().batch(5)  # last batch smaller: unknown
+    assert kl.callbacks.batch_sizes(ragged) == (None, 10)

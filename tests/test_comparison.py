@@ -27,14 +27,19 @@ SEQUENCE_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory):
-    """A tiny GPT-2 with a locally trained tokenizer, saved as a preset."""
-    import keras_hub
+    """A tiny GPT-2 with a locally trained tokenizer, saved as a preset.
+
+    Built with the `keras_nlp` names of the keras.io tutorial (keras-nlp
+    is an alias of keras-hub), which the comparison then loads with
+    keras-hub's.
+    """
+    import keras_nlp
 
     root = tmp_path_factory.mktemp("tiny_preset")
     tokenizer = train_tokenizer(
         data.pretraining_documents(20_000), 300, os.fspath(root / "bpe")
     )
-    backbone = keras_hub.models.GPT2Backbone(
+    backbone = keras_nlp.models.GPT2Backbone(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=2,
         num_heads=2,
@@ -42,10 +47,10 @@ def tiny_preset(tmp_path_factory):
         intermediate_dim=32,
         max_sequence_length=SEQUENCE_LENGTH,
     )
-    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
+    preprocessor = keras_nlp.models.GPT2CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=SEQUENCE_LENGTH
     )
-    causal_lm = keras_hub.models.GPT2CausalLM(
+    causal_lm = keras_nlp.models.GPT2CausalLM(
         backbone=backbone, preprocessor=preprocessor
     )
     directory = root / "preset"
@@ -104,7 +109,8 @@ def test_compare_writes_table_json_and_plots(preset_run):
         "tokens / s",
         "training memory overhead",
         "val loss: base -> tuned",
-        "Greedy samples",
+        "val loss gain (base - tuned)",
+        "top-10 sampling, seed 1",
     ):
         assert row in table
         assert row in stdout
@@ -123,6 +129,27 @@ def test_compare_writes_table_json_and_plots(preset_run):
         + list(report.PLOT_NAMES)
     )
     assert "fine-tuning: lora" in stdout  # progress bars
+    # A smoke test's checks are labelled, not judged (no "NO" at this size).
+    assert "not meaningful at this size" in table
+    assert " NO " not in table and "checks: ok lora_params_match" in table
+
+
+def test_compare_refuses_to_overwrite_an_earlier_run(preset_run, capsys):
+    _, out, _, results = preset_run
+    before = (out / report.JSON_NAME).read_bytes()
+    status = cli.main(["compare", "--tiny", "--output-dir", os.fspath(out)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "already holds an earlier run" in err and "--overwrite" in err
+    assert (out / report.JSON_NAME).read_bytes() == before  # untouched
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        runner.run_comparison(ComparisonConfig.tiny(), out)
+    a_file = out / report.TABLE_NAME
+    with pytest.raises(FileExistsError, match="is a file"):
+        runner.check_output_dir(a_file, report.OUTPUT_NAMES)
+    # An empty or unrelated directory is fine; --overwrite allows the rest.
+    assert runner.check_output_dir(out, ("other.json",)) == os.fspath(out)
+    assert runner.check_output_dir(out, report.OUTPUT_NAMES, True)
 
 
 def test_compare_numbers_are_consistent(preset_run):
@@ -182,7 +209,19 @@ def test_compare_numbers_are_consistent(preset_run):
         "lora_improves_on_base",
         "lora_memory_overhead_below_full",
         "lora_step_faster_than_full",
+        "lora_gain_at_least_0.6x_full",
+        "full_samples_not_degenerate",
     }
+    assert summary["checks_meaningful"] is False  # --tiny
+    assert report.failed_checks(summary) == []
+    gain = summary["val_loss_gain"]
+    assert gain["lora"] == pytest.approx(
+        before - lora["validation_after"]["loss"]
+    )
+    assert summary["lora_gain_ratio"] == pytest.approx(
+        gain["lora"] / gain["full"]
+    )
+    assert config["sample_top_k"] == 10 and config["targets"] == "query_value"
     assert base["data_source"] == config["data"]
     assert base["validation_windows"] <= config["max_validation_windows"]
 
@@ -286,3 +325,130 @@ def test_worker_failure_is_reported(tmp_path):
     spec = {"mode": "neither", "config": {}, "output_dir": str(tmp_path)}
     with pytest.raises(RuntimeError, match="mode must be one of"):
         runner._run_worker(spec, str(tmp_path), progress=False)
+
+
+def test_all_linear_targets_match_the_formula(tiny_preset):
+    import keras_lora as kl
+    from keras_lora.comparison import training
+
+    config = ComparisonConfig.tiny(targets="all-linear", rank=2)
+    model = load_causal_lm(os.fspath(tiny_preset), SEQUENCE_LENGTH)
+    training.apply_lora(model, config)
+    trainable, _ = kl.count_parameters(model)
+    # Per block: query, key, value, attention output (16 -> 16) and the
+    # feed-forward layers (16 -> 32 -> 16), each A (n x 2) + B (2 x m).
+    per_block = 4 * (16 * 2 + 2 * 16) + (16 * 2 + 2 * 32) * 2
+    assert trainable == 2 * per_block
+    assert config.lora_parameter_count(2, 16, 32) == 2 * per_block
+    names = {layer.path.split("/")[-1] for layer in kl.lora_layers(model)}
+    assert {"query", "key", "value"} <= names
+    assert ComparisonConfig.tiny().lora_parameter_count(2, 16, 32) == 512
+    with pytest.raises(ValueError, match="targets"):
+        ComparisonConfig(targets="everything")
+
+
+def test_degenerate_samples():
+    assert report.degenerate("   \n  ")
+    assert report.degenerate(" the the the the the")
+    assert report.degenerate('" " " " " "x')
+    assert not report.degenerate("    def f(self, x):\n        return x\n")
+    assert not report.degenerate("a b")  # short but not blank
+
+
+def test_checks_are_judged_at_real_sizes(preset_run):
+    _, _, _, results = preset_run
+    summary = dict(results["summary"], checks_meaningful=True)
+    failed = report.failed_checks(summary)
+    assert failed == [k for k, v in summary["checks"].items() if not v]
+    results = dict(results, summary=summary)
+    assert "not meaningful" not in report.format_table(results)
+
+
+@pytest.fixture(scope="module")
+def sweeps(tiny_preset, user_data, tmp_path_factory):
+    from keras_lora.comparison import sweep
+
+    out = tmp_path_factory.mktemp("sweeps")
+    config = ComparisonConfig.for_preset(
+        os.fspath(tiny_preset), **_tiny_sizes(), data=os.fspath(user_data)
+    )
+    lr = sweep.lr_sweep(
+        config,
+        out,
+        learning_rates={"full": (1e-2,), "lora": (1e-2, 5e-2)},
+        progress=False,
+    )
+    ranks = sweep.rank_sweep(config, out, ranks=(1, 2), progress=False)
+    return out, lr, ranks
+
+
+def _tiny_sizes():
+    tiny = ComparisonConfig.tiny()
+    return {
+        name: getattr(tiny, name)
+        for name in (
+            "steps",
+            "batch_size",
+            "sequence_length",
+            "data_bytes",
+            "max_validation_windows",
+        )
+    }
+
+
+def test_lr_sweep_records_each_rate(sweeps):
+    from keras_lora.comparison import sweep
+
+    out, lr, _ = sweeps
+    rates = [(r["mode"], r["learning_rate"]) for r in lr["runs"]]
+    assert rates == [("full", 1e-2), ("lora", 1e-2), ("lora", 5e-2)]
+    for mode in ("full", "lora"):
+        runs = [r for r in lr["runs"] if r["mode"] == mode]
+        best = min(runs, key=lambda r: r["val_loss"])
+        assert lr["best_learning_rate"][mode] == best["learning_rate"]
+    assert all(math.isfinite(r["val_loss"]) for r in lr["runs"])
+    for name in sweep.output_names(sweep.LR_SWEEP_NAME):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "lr_sweep.json").read_text())["runs"]
+    table = (out / "lr_sweep.txt").read_text()
+    assert "Learning-rate sweep" in table and "best learning rate" in table
+
+
+def test_rank_sweep_covers_ranks_and_targets(sweeps):
+    out, _, ranks = sweeps
+    lora = [r for r in ranks["runs"] if r["mode"] == "lora"]
+    assert [(r["targets"], r["rank"]) for r in lora] == [
+        ("query_value", 1),
+        ("query_value", 2),
+        ("all-linear", 1),
+        ("all-linear", 2),
+    ]
+    config = ComparisonConfig.tiny()
+    for r in lora:
+        # Alpha is fixed across ranks (the LoRA paper's practice).
+        assert r["alpha"] == ranks["config"]["alpha"]
+        expected = config.replace(
+            rank=r["rank"], targets=r["targets"]
+        ).lora_parameter_count(2, 16, 32)
+        assert r["trainable_params"] == expected
+    full = [r for r in ranks["runs"] if r["mode"] == "full"]
+    assert (
+        len(full) == 1
+        and full[0]["trainable_params"] > lora[-1]["trainable_params"]
+    )
+    png = (out / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each sweep refuses to overwrite its own earlier results.
+    from keras_lora.comparison import sweep
+
+    with pytest.raises(FileExistsError, match="sweep.json"):
+        sweep.rank_sweep(ComparisonConfig.tiny(), out, progress=False)
+
+
+def test_bad_targets_and_ranks_are_clear_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--targets", "everything"])
+    assert "--targets" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--sweep", "--ranks", "4,x"])
+    assert "--ranks" in capsys.readouterr().err

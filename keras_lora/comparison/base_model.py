@@ -5,12 +5,14 @@ directory the fine-tunes start from:
 
 - with `config.preset` set, that preset (a keras-hub name such as
   `"gpt2_base_en"`, which keras-hub downloads, or a local directory);
-- otherwise the small offline model. A byte-level BPE is trained on
-  `pydoc_data.topics`, a `GPT2Backbone` of `config`'s size is pre-trained
-  briefly on the same text, and the `GPT2CausalLM` (tokenizer included) is
-  saved with `save_to_preset` under `cache_dir/base-<config hash>`. Later
-  runs with the same settings load it from there. The directory is written
-  atomically, so an interrupted run leaves no half-written cache.
+- otherwise the small offline model. A byte-level BPE is trained on the
+  pre-training text (`pydoc_data.topics` and code from the standard
+  library's packages, see `data.pretraining_documents`), a `GPT2Backbone`
+  of `config`'s size is pre-trained on the same text, and the
+  `GPT2CausalLM` (tokenizer included) is saved with `save_to_preset` under
+  `cache_dir/base-<config hash>`. Later runs with the same settings load it
+  from there. The directory is written atomically, so an interrupted run
+  leaves no half-written cache.
 """
 
 import json
@@ -129,17 +131,26 @@ def build_causal_lm(config, gpt2_tokenizer):
 
 
 def pretrain_base(config, directory, progress=True):
-    """Trains tokenizer and base model; saves the preset in `directory`."""
+    """Trains tokenizer and base model; saves the preset in `directory`.
+
+    `config.pretrain_steps` steps of `pretrain_batch_size` windows drawn
+    in shuffled passes over the text, AdamW with warm-up and cosine decay
+    (as the fine-tunes), the last twentieth of the windows held out to
+    report how well the base model learned its text.
+    """
     import keras
 
     from keras_lora.comparison import training
 
     start = time.perf_counter()
-    documents = data.pretraining_documents(config.pretrain_bytes)
+    documents = data.pretraining_documents(
+        config.pretrain_bytes, config.pretrain_code_bytes
+    )
     characters = sum(len(d) for d in documents)
     status(
         f"base model: training a {config.vocabulary_size}-token byte-level "
-        f"BPE on pydoc_data.topics ({characters:,} characters)",
+        f"BPE on pydoc_data.topics and standard-library package code "
+        f"({characters:,} characters)",
         progress,
     )
     with tempfile.TemporaryDirectory() as scratch:
@@ -150,22 +161,26 @@ def pretrain_base(config, directory, progress=True):
         keras.utils.set_random_seed(config.seed)
         causal_lm = build_causal_lm(config, gpt2_tokenizer)
         tokenizer_seconds = time.perf_counter() - start
-        windows = data.windows(token_ids, config.sequence_length)
-        steps_per_epoch = len(windows) // config.pretrain_batch_size
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"Pre-training text gives {len(windows)} windows, fewer than "
-                f"one batch of {config.pretrain_batch_size}; raise "
-                "pretrain_bytes or lower the batch size."
+        train, held_out = data.split_windows(
+            _shuffled(data.windows(token_ids, config.sequence_length)),
+            validation_fraction=0.05,
+            max_validation_windows=64,
+        )
+        x, y = data.as_inputs(
+            data.training_windows(
+                train,
+                config.pretrain_steps,
+                config.pretrain_batch_size,
+                config.seed,
             )
-        windows = windows[: steps_per_epoch * config.pretrain_batch_size]
-        x, y = data.as_inputs(windows)
+        )
         model = training.training_model(causal_lm)
-        total_steps = steps_per_epoch * config.pretrain_epochs
         training.compile_for_training(
             model,
             learning_rate=training.cosine_schedule(
-                config.pretrain_learning_rate, total_steps
+                config.pretrain_learning_rate,
+                config.pretrain_steps,
+                config.warmup_fraction,
             ),
             weight_decay=config.weight_decay,
             epsilon=config.epsilon,
@@ -174,28 +189,50 @@ def pretrain_base(config, directory, progress=True):
         losses = training.LossHistory()
         callbacks = [losses]
         if progress:
-            callbacks.append(TqdmCallback(total_steps, "pre-training base"))
+            callbacks.append(
+                TqdmCallback(config.pretrain_steps, "pre-training base")
+            )
         train_start = time.perf_counter()
         model.fit(
             x,
             y,
             batch_size=config.pretrain_batch_size,
-            epochs=config.pretrain_epochs,
-            shuffle=True,
+            epochs=1,
+            shuffle=False,
             verbose=0,
             callbacks=callbacks,
         )
         train_seconds = time.perf_counter() - train_start
+        held_out_loss = training.evaluate_loss(
+            model, held_out, config.pretrain_batch_size
+        )
+        status(
+            f"base model: held-out pre-training loss "
+            f"{held_out_loss['loss']:.3f}",
+            progress,
+        )
         causal_lm.save_to_preset(directory)
     return {
         "source": "pretrained",
-        "corpus": "pydoc_data.topics",
+        "corpus": "pydoc_data.topics + standard-library package code",
         "corpus_characters": characters,
         "tokens": int(len(token_ids)),
-        "steps": total_steps,
+        "steps": config.pretrain_steps,
+        "epochs": config.pretrain_steps
+        * config.pretrain_batch_size
+        / max(1, len(train)),
         "final_loss": losses.losses[-1],
+        "held_out_loss": held_out_loss["loss"],
         "loss_curve": losses.losses,
         "tokenizer_seconds": tokenizer_seconds,
         "pretrain_seconds": train_seconds,
         "backend": keras.backend.backend(),
     }
+
+
+def _shuffled(windows, seed=0):
+    """The windows in a fixed random order, so the held-out ones (the
+    last) come from all over the text, not from its last document."""
+    import numpy as np
+
+    return windows[np.random.default_rng(seed).permutation(len(windows))]

@@ -2,6 +2,9 @@
 
 keras-lora compare                         # offline default, ~5 min CPU
 keras-lora compare --tiny                  # seconds, a smoke test
+keras-lora compare --targets all-linear --rank 8
+keras-lora compare --lr-sweep              # how the default rates were chosen
+keras-lora compare --sweep                 # loss vs parameters, ranks/targets
 keras-lora compare --data notes/ --steps 300
 keras-lora compare --preset gpt2_base_en   # real GPT-2, keras.io recipe
 """
@@ -10,6 +13,23 @@ import argparse
 import os
 import sys
 
+from keras_lora.comparison.config import TARGETS, ComparisonConfig
+
+# Ranks `--sweep` tries by default (also `sweep.DEFAULT_RANKS`).
+DEFAULT_RANKS = (1, 2, 4, 8, 16)
+
+
+def _int_list(value):
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, got {value!r}"
+        )
+    return numbers
+
 
 def register(subparsers):
     """Adds the `compare` subcommand to the `keras-lora` parser."""
@@ -17,11 +37,13 @@ def register(subparsers):
         "compare",
         help="fine-tune GPT-2 fully and with LoRA; compare memory, speed, loss",
         description="Fine-tunes a GPT-2 (keras-hub) twice - every weight, "
-        "and LoRA on the attention query/value projections - and reports "
-        "parameters, file sizes, step time, memory, validation loss and "
-        "samples as a table, JSON and PNG plots. Offline by default: a "
-        "small GPT-2 is pre-trained on pydoc_data.topics (cached) and "
-        "fine-tuned on the Python standard library's source code.",
+        "and LoRA (rank 4 on the attention query/value projections by "
+        "default) - and reports parameters, file sizes, step time, memory, "
+        "validation loss on the same held-out text and samples as a "
+        "table, JSON and PNG plots. Offline by default: a small GPT-2 is "
+        "pre-trained on pydoc_data.topics (cached) and fine-tuned on the "
+        "Python standard library's source code. --lr-sweep and --sweep "
+        "run many fine-tunes instead (learning rates; ranks and targets).",
     )
     what = parser.add_argument_group("what to compare")
     what.add_argument(
@@ -40,7 +62,39 @@ def register(subparsers):
         help="fine-tuning text: a file or a directory of text files "
         "(default: the Python standard library's .py sources)",
     )
-    sizes = parser.add_argument_group("overrides")
+    what.add_argument(
+        "--targets",
+        choices=TARGETS,
+        help="where LoRA goes: the attention query/value projections, or "
+        "every linear layer of the blocks (default: query_value)",
+    )
+    sweeps = what.add_mutually_exclusive_group()
+    sweeps.add_argument(
+        "--lr-sweep",
+        action="store_true",
+        help="instead of one comparison: fine-tune both ways at each "
+        "learning rate of a grid (same data and steps) and report the "
+        "validation loss of each (lr_sweep.txt/json/png)",
+    )
+    sweeps.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of one comparison: LoRA at ranks --ranks on "
+        "query/value and on all linear layers, next to full fine-tuning; "
+        "validation loss against trainable parameters (sweep.txt/json/png)",
+    )
+    what.add_argument(
+        "--ranks",
+        type=_int_list,
+        default=DEFAULT_RANKS,
+        metavar="R,R,...",
+        help="ranks for --sweep (default: %(default)s)",
+    )
+    defaults = ComparisonConfig()
+    sizes = parser.add_argument_group(
+        "overrides (defaults: the offline default run; --preset uses the "
+        "keras.io recipe, --tiny its own sizes)"
+    )
     for flag, field, kind, text in (
         ("--steps", "steps", int, "training steps per fine-tune"),
         ("--batch-size", "batch_size", int, "fine-tuning batch size"),
@@ -50,12 +104,17 @@ def register(subparsers):
         ("--full-lr", "full_learning_rate", float, "full fine-tune LR"),
         ("--lora-lr", "lora_learning_rate", float, "LoRA learning rate"),
         ("--data-bytes", "data_bytes", int, "bytes of fine-tuning text"),
-        ("--pretrain-epochs", "pretrain_epochs", int, "base pre-training"),
+        ("--pretrain-steps", "pretrain_steps", int, "base pre-training"),
         ("--seed", "seed", int, "random seed"),
     ):
         metavar = flag[2:].upper().replace("-", "_")
+        default = getattr(defaults, field)
         sizes.add_argument(
-            flag, dest=field, type=kind, metavar=metavar, help=text
+            flag,
+            dest=field,
+            type=kind,
+            metavar=metavar,
+            help=f"{text} (default: {default:g})",
         )
     sizes.add_argument(
         "--prompt",
@@ -67,8 +126,14 @@ def register(subparsers):
     run.add_argument(
         "--output-dir",
         default="keras_lora_compare",
-        help="where the table, JSON, plots and adapter go "
-        "(default: %(default)s)",
+        help="where the table, JSON, plots and adapter go (default: "
+        "%(default)s)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's results in --output-dir (without "
+        "it, an --output-dir that holds them is an error)",
     )
     run.add_argument(
         "--cache-dir",
@@ -89,7 +154,8 @@ def register(subparsers):
         "--strict",
         action="store_true",
         help="exit with status 1 if a check fails (LoRA under 1%% of the "
-        "parameters, better than base, less memory and faster than full)",
+        "parameters, at least 0.6x full fine-tuning's validation gain, "
+        "readable samples, less memory and faster than full)",
     )
     parser.set_defaults(func=handler)
     return parser
@@ -104,9 +170,10 @@ _OVERRIDES = (
     "full_learning_rate",
     "lora_learning_rate",
     "data_bytes",
-    "pretrain_epochs",
+    "pretrain_steps",
     "seed",
     "prompts",
+    "targets",
 )
 
 
@@ -119,12 +186,12 @@ _TINY_RUN_FIELDS = (
     "max_validation_windows",
     "generate_length",
     "prompts",
+    "smoke_test",
 )
 
 
 def config_from_args(args):
     """The `ComparisonConfig` the parsed arguments ask for."""
-    from keras_lora.comparison.config import ComparisonConfig
 
     overrides = {
         name: getattr(args, name)
@@ -157,33 +224,60 @@ def check_inputs(config):
 
 
 def handler(args):
-    """Runs the comparison; returns the exit status."""
+    """Runs the comparison (or a sweep); returns the exit status."""
+    # keras-hub imports TensorFlow (for its tokenizers) whatever the
+    # backend: keep TensorFlow's C++ start-up logging off the terminal.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         config = config_from_args(args)
         check_inputs(config)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"keras-lora compare: error: {error}", file=sys.stderr)
         return 2
-
-    from keras_lora.comparison.runner import run_comparison
-
-    results = run_comparison(
-        config,
-        args.output_dir,
+    common = dict(
         cache_dir=args.cache_dir,
-        isolation="in-process" if args.in_process else "subprocess",
         progress=not args.quiet,
         plots=not args.no_plots,
+        overwrite=args.overwrite,
     )
-    if not args.quiet:
-        from keras_lora.comparison.report import format_table
+    try:
+        if args.lr_sweep or args.sweep:
+            return _run_sweep(args, config, common)
+        from keras_lora.comparison.runner import run_comparison
 
+        results = run_comparison(
+            config,
+            args.output_dir,
+            isolation="in-process" if args.in_process else "subprocess",
+            **common,
+        )
+    except FileExistsError as error:
+        print(f"keras-lora compare: error: {error}", file=sys.stderr)
+        return 2
+    from keras_lora.comparison.report import failed_checks, format_table
+
+    if not args.quiet:
         print(format_table(results))
         print(f"\nwritten to {os.path.abspath(args.output_dir)}")
-    if args.strict and not all(results["summary"]["checks"].values()):
-        failed = [k for k, v in results["summary"]["checks"].items() if not v]
+    failed = failed_checks(results["summary"])
+    if args.strict and failed:
         print(f"keras-lora compare: checks failed: {failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_sweep(args, config, common):
+    from keras_lora.comparison import sweep
+
+    if args.lr_sweep:
+        result = sweep.lr_sweep(config, args.output_dir, **common)
+    else:
+        result = sweep.rank_sweep(
+            config, args.output_dir, ranks=args.ranks, **common
+        )
+    if not args.quiet:
+        print(sweep.format_sweep(result))
+        print(f"\nwritten to {os.path.abspath(args.output_dir)}")
     return 0
 
 

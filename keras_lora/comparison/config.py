@@ -2,11 +2,12 @@
 
 Three starting points:
 
-- `ComparisonConfig()`: the offline default. A small GPT-2 (4 blocks,
-  hidden 128, vocabulary 4,096, sequence length 128) pre-trained briefly on
-  `pydoc_data.topics`, then fine-tuned on the standard library's source.
-  Sized so the whole run (tokenizer, pre-training, both fine-tunes) takes a
-  few minutes on a 2-core CPU.
+- `ComparisonConfig()`: the offline default. A small GPT-2 pre-trained on
+  `pydoc_data.topics` until it models that text (cached), then fine-tuned
+  on the standard library's source. Sized so the whole first run
+  (tokenizer, pre-training, both fine-tunes) takes about five minutes on a
+  2-core CPU; the learning rates come from `keras-lora compare --lr-sweep`
+  (see `LEARNING_RATE_GRID`).
 - `ComparisonConfig.tiny()`: seconds-long, for tests and smoke runs.
 - `ComparisonConfig.for_preset(name)`: a real keras-hub preset with the
   keras.io GPT-2 LoRA recipe (see `PRESET_RECIPE`).
@@ -34,6 +35,19 @@ PRESET_RECIPE = dict(
     clipnorm=1.0,
 )
 
+# What `--targets` accepts: LoRA on the attention query and value
+# projections (the LoRA paper's and keras.io's choice), or on every linear
+# layer of the blocks (query, key, value, attention output, both
+# feed-forward layers).
+TARGETS = ("query_value", "all-linear")
+
+# The learning rates `keras-lora compare --lr-sweep` tries for each method
+# (same data, steps and schedule as the default run).
+LEARNING_RATE_GRID = {
+    "full": (1e-3, 2e-3, 4e-3),
+    "lora": (1e-2, 3e-2, 6e-2),
+}
+
 DEFAULT_PROMPTS = (
     "def ",
     "import os\n",
@@ -51,13 +65,18 @@ _BASE_FIELDS = (
     "sequence_length",
     "dropout",
     "pretrain_bytes",
-    "pretrain_epochs",
+    "pretrain_code_bytes",
+    "pretrain_steps",
     "pretrain_batch_size",
     "pretrain_learning_rate",
+    "warmup_fraction",
+    "weight_decay",
+    "epsilon",
+    "clipnorm",
     "seed",
 )
 # Bump when the pre-training code changes what it produces.
-BASE_FORMAT_VERSION = 2
+BASE_FORMAT_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +93,12 @@ class ComparisonConfig:
         sequence_length: tokens per training window.
         pretrain_bytes: bytes of `pydoc_data.topics` to pre-train on
             (`None`: all of it, about 465 KB).
-        pretrain_epochs, pretrain_batch_size, pretrain_learning_rate:
-            pre-training of the small base model.
+        pretrain_code_bytes: bytes of code from the standard library's
+            packages added to the pre-training text (never the top-level
+            modules the fine-tunes train and validate on).
+        pretrain_steps, pretrain_batch_size, pretrain_learning_rate:
+            pre-training of the small base model (the same AdamW and
+            schedule shape as the fine-tunes).
         data: fine-tuning text: `None` (the Python standard library's own
             `.py` sources) or a text file or a directory of text files.
         data_bytes: at most this many bytes of fine-tuning text are read.
@@ -83,17 +106,26 @@ class ComparisonConfig:
         max_validation_windows: at most this many windows are evaluated.
         steps: training steps of each fine-tune.
         batch_size: fine-tuning batch size.
-        full_learning_rate, lora_learning_rate: AdamW learning rates.
+        full_learning_rate, lora_learning_rate: AdamW peak learning rates.
+        warmup_fraction: share of the steps spent warming the learning
+            rate up linearly; a cosine decay to a tenth follows.
         weight_decay, epsilon, clipnorm: AdamW settings shared by both.
-        rank, alpha: LoRA rank and alpha (scale `alpha / rank`) on the
-            attention query and value projections.
-        prompts: prompts for the generated samples (greedy decoding).
+        rank, alpha: LoRA rank and alpha (scale `alpha / rank`).
+        targets: `"query_value"` (the attention query and value
+            projections) or `"all-linear"` (every linear layer of the
+            blocks).
+        prompts: prompts for the generated samples.
         generate_length: total tokens per sample (prompt included).
+        sample_top_k, sample_seed: samples are drawn from the `top_k`
+            most likely tokens with this fixed seed (`sample_top_k=1`:
+            greedy).
         seed: seeds weights, data order and the base model.
+        smoke_test: sizes too small for the results to mean anything
+            (`tiny()`); the report says so instead of judging them.
     """
 
     preset: str = None
-    vocabulary_size: int = 4096
+    vocabulary_size: int = 2048
     num_layers: int = 4
     num_heads: int = 4
     hidden_dim: int = 128
@@ -101,25 +133,31 @@ class ComparisonConfig:
     dropout: float = 0.0
     sequence_length: int = 128
     pretrain_bytes: int = None
-    pretrain_epochs: int = 3
+    pretrain_code_bytes: int = 500_000
+    pretrain_steps: int = 400
     pretrain_batch_size: int = 16
-    pretrain_learning_rate: float = 2e-3
+    pretrain_learning_rate: float = 1e-2
     data: str = None
     data_bytes: int = 1_000_000
     validation_fraction: float = 0.1
     max_validation_windows: int = 96
     steps: int = 150
     batch_size: int = 16
-    full_learning_rate: float = 5e-4
-    lora_learning_rate: float = 3e-3
+    full_learning_rate: float = 2e-3
+    lora_learning_rate: float = 3e-2
+    warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     epsilon: float = 1e-6
     clipnorm: float = 1.0
     rank: int = 4
     alpha: float = 8.0
+    targets: str = "query_value"
     prompts: tuple = DEFAULT_PROMPTS
-    generate_length: int = 32
+    generate_length: int = 48
+    sample_top_k: int = 10
+    sample_seed: int = 1
     seed: int = 0
+    smoke_test: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -130,7 +168,7 @@ class ComparisonConfig:
             "hidden_dim",
             "intermediate_dim",
             "sequence_length",
-            "pretrain_epochs",
+            "pretrain_steps",
             "pretrain_batch_size",
             "data_bytes",
             "max_validation_windows",
@@ -138,6 +176,7 @@ class ComparisonConfig:
             "batch_size",
             "rank",
             "generate_length",
+            "sample_top_k",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -149,10 +188,21 @@ class ComparisonConfig:
                     f"ComparisonConfig: `{name}` must be at least 1, got "
                     f"{value}."
                 )
+        code = self.pretrain_code_bytes
+        if not isinstance(code, int) or isinstance(code, bool) or code < 0:
+            raise ValueError(
+                "ComparisonConfig: `pretrain_code_bytes` must be an int >= 0, "
+                f"got {code!r}."
+            )
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 "ComparisonConfig: `validation_fraction` must be between 0 "
                 f"and 1 (exclusive), got {self.validation_fraction}."
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(
+                "ComparisonConfig: `warmup_fraction` must be in [0, 1), got "
+                f"{self.warmup_fraction}."
             )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
@@ -165,8 +215,28 @@ class ComparisonConfig:
                 "(a byte-level BPE starts from 256 byte tokens plus "
                 f"<|endoftext|>), got {self.vocabulary_size}."
             )
+        if self.targets not in TARGETS:
+            raise ValueError(
+                f"ComparisonConfig: `targets` must be one of {TARGETS} "
+                f"(--targets), got {self.targets!r}."
+            )
+        for name in ("full_learning_rate", "lora_learning_rate", "alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"ComparisonConfig: `{name}` must be positive, got "
+                    f"{getattr(self, name)!r}."
+                )
         if not self.prompts:
             raise ValueError("ComparisonConfig: give at least one prompt.")
+
+    def target_modules(self):
+        """`target_modules` for `kl.LoraConfig` (see `targets`)."""
+        if self.targets == "all-linear":
+            return "all-linear"
+        return ["query", "value"]
+
+    def targets_label(self):
+        return "query/value" if self.targets == "query_value" else "all linear"
 
     @classmethod
     def tiny(cls, **overrides):
@@ -179,7 +249,8 @@ class ComparisonConfig:
             intermediate_dim=32,
             sequence_length=16,
             pretrain_bytes=12_000,
-            pretrain_epochs=1,
+            pretrain_code_bytes=8_000,
+            pretrain_steps=8,
             pretrain_batch_size=8,
             data_bytes=30_000,
             max_validation_windows=8,
@@ -187,6 +258,7 @@ class ComparisonConfig:
             batch_size=4,
             prompts=("def ", "import "),
             generate_length=8,
+            smoke_test=True,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -224,10 +296,17 @@ class ComparisonConfig:
         text = json.dumps(values, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def lora_parameter_count(self, num_layers, hidden_dim):
-        """Trainable LoRA parameters on query and value of every block.
+    def lora_parameter_count(self, num_layers, hidden_dim, intermediate_dim):
+        """Trainable LoRA parameters for `targets` in every block.
 
-        Each projection maps `hidden_dim` to `hidden_dim` (heads x head
-        size): A is `hidden_dim x r` and B is `r x hidden_dim`.
+        A projection from `n` to `m` features gets A `n x r` and B
+        `r x m`. Query and value (and key and the attention output) map
+        `hidden_dim` to `hidden_dim` (heads x head size); the feed-forward
+        layers map `hidden_dim` to `intermediate_dim` and back.
         """
-        return num_layers * 2 * 2 * hidden_dim * self.rank
+        r, h = self.rank, hidden_dim
+        per_block = 2 * (h * r + r * h)  # query, value
+        if self.targets == "all-linear":
+            per_block *= 2  # key, attention output
+            per_block += 2 * (h * r + r * intermediate_dim)  # feed-forward
+        return num_layers * per_block

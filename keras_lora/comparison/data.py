@@ -2,16 +2,20 @@
 
 Every source returns a list of documents (strings):
 
-- `pretraining_documents()`: English documentation that ships with every
-  Python, `pydoc_data.topics` (about 465 KB), for the small base model.
-- `stdlib_documents()`: the standard library's own `.py` files, the
-  default fine-tuning corpus (a different domain: code, not prose).
+- `pretraining_documents()`: what the small base model learns from: the
+  English documentation that ships with every Python, `pydoc_data.topics`
+  (about 465 KB), plus code from the standard library's *packages*
+  (`asyncio/`, `email/`, `json/`, ...; `stdlib_package_documents`).
+- `stdlib_documents()`: the standard library's own top-level `.py`
+  modules (`argparse.py`, `ast.py`, ...), the default fine-tuning corpus.
+  No file is in both: the base model has seen Python, but not this code.
 - `user_documents(path)`: a text file or a directory of text files.
 - `windows(...)`, `split_windows(...)`: token streams cut into training
   examples of `sequence_length + 1` tokens (inputs and shifted labels).
 """
 
 import os
+import random
 import sysconfig
 
 import numpy as np
@@ -20,16 +24,71 @@ import numpy as np
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".tex")
 
 
-def pretraining_documents(max_bytes=None):
-    """The topics of `pydoc_data.topics`, in sorted order."""
+# Standard-library folders that are not library code (tests, tools, demos,
+# data, vendored or platform folders): never read as pre-training text.
+_NOT_PACKAGES = (
+    "test",
+    "tests",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "site-packages",
+    "dist-packages",
+    "pydoc_data",
+    "encodings",
+    "distutils",
+    "__pycache__",
+)
+
+
+def pretraining_documents(max_bytes=None, code_bytes=0):
+    """The topics of `pydoc_data.topics`, then `code_bytes` of package code.
+
+    `max_bytes` limits the topics (`None`: all of them, about 465 KB);
+    `code_bytes` adds that many bytes of `stdlib_package_documents`.
+    """
     from pydoc_data import topics
 
     parts = [topics.topics[name] for name in sorted(topics.topics)]
-    return _limit(parts, max_bytes)
+    parts = _limit(parts, max_bytes)
+    if code_bytes:
+        parts += stdlib_package_documents(code_bytes)
+    return parts
 
 
 def stdlib_directory():
     return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_package_documents(max_bytes, seed=0):
+    """`.py` files of the standard library's packages (its folders).
+
+    Only folders of library code (not tests, tools or demos, see
+    `_NOT_PACKAGES`), and never the top-level modules that
+    `stdlib_documents` fine-tunes on. The files are shuffled with `seed`
+    before `max_bytes` is read, so the text spans many packages.
+    """
+    directory = stdlib_directory()
+    files = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path) or _skipped_folder(name):
+            continue
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not _skipped_folder(d))
+            files += [
+                os.path.join(root, n)
+                for n in sorted(names)
+                if n.endswith(".py")
+            ]
+    random.Random(seed).shuffle(files)
+    return _read_files(files, max_bytes, what="the standard library's packages")
+
+
+def _skipped_folder(name):
+    return name in _NOT_PACKAGES or name.startswith(("config-", "."))
 
 
 def stdlib_documents(max_bytes=1_000_000):

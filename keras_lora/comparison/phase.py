@@ -1,11 +1,11 @@
 """One fine-tuning phase: full fine-tuning or LoRA, measured.
 
 `run_phase(spec)` loads the base preset, fine-tunes it (every weight, or
-LoRA rank `r` on the attention query/value projections with the rest
-frozen), and returns plain data: parameter counts, the per-step training
-loss, step time and throughput (`StepTimer`), memory (`MemoryUsage`),
-validation loss and perplexity after training, greedy samples, and the size
-of what must be saved (the LoRA adapter directory, or the full weights).
+LoRA of rank `r` on the configured targets with the rest frozen), and
+returns plain data: parameter counts, the per-step training loss, step time
+and throughput (`StepTimer`), memory (`MemoryUsage`), validation loss and
+perplexity after training, top-k samples, and the size of what must be
+saved (the LoRA adapter directory, or the full weights).
 
 It runs in a fresh worker process by default (`keras_lora.comparison.worker`)
 so that each phase's memory is measured on its own; tests call it in
@@ -13,7 +13,11 @@ process. `spec` is JSON-compatible:
 
     {"mode": "full" | "lora", "config": ComparisonConfig.to_dict(),
      "preset": "<preset dir or name>", "windows": "<.npz from the runner>",
-     "output_dir": "<directory>", "progress": true}
+     "output_dir": "<directory>", "progress": true,
+     "samples": true, "save": true}
+
+The sweeps (`keras_lora.comparison.sweep`) run it in process with
+`samples` and `save` off.
 """
 
 import os
@@ -47,14 +51,7 @@ def run_phase(spec):
         spec["preset"], config.sequence_length
     )
     if mode == "lora":
-        kl.apply_lora(
-            causal_lm,
-            kl.LoraConfig(
-                rank=config.rank,
-                alpha=config.alpha,
-                target_modules=["query", "value"],
-            ),
-        )
+        training.apply_lora(causal_lm, config)
         learning_rate = config.lora_learning_rate
     else:
         learning_rate = config.full_learning_rate
@@ -63,7 +60,9 @@ def run_phase(spec):
     model = training.training_model(causal_lm)
     training.compile_for_training(
         model,
-        learning_rate=training.cosine_schedule(learning_rate, config.steps),
+        learning_rate=training.cosine_schedule(
+            learning_rate, config.steps, config.warmup_fraction
+        ),
         weight_decay=config.weight_decay,
         epsilon=config.epsilon,
         clipnorm=config.clipnorm,
@@ -83,7 +82,8 @@ def run_phase(spec):
     losses = training.LossHistory()
     callbacks = [memory, timer, losses]
     if progress:
-        callbacks.append(TqdmCallback(config.steps, f"fine-tuning: {mode}"))
+        label = spec.get("label") or f"fine-tuning: {mode}"
+        callbacks.append(TqdmCallback(config.steps, label))
     clock.lap("prepare")
     model.fit(
         x,
@@ -96,15 +96,24 @@ def run_phase(spec):
     )
     train_seconds = clock.lap("train")
 
-    status(f"{mode}: evaluating and generating samples", progress)
+    if spec.get("samples", True):
+        status(f"{mode}: evaluating and generating samples", progress)
     after = training.evaluate_loss(model, val, config.batch_size)
     clock.lap("evaluate")
-    samples = training.generate_samples(
-        causal_lm, config.prompts, config.generate_length
-    )
-    clock.lap("generate")
-    saved = _save_size(kl, causal_lm, mode, spec["output_dir"])
-    clock.lap("save")
+    samples = []
+    if spec.get("samples", True):
+        samples = training.generate_samples(
+            causal_lm,
+            config.prompts,
+            config.generate_length,
+            top_k=config.sample_top_k,
+            seed=config.sample_seed,
+        )
+        clock.lap("generate")
+    saved = {}
+    if spec.get("save", True):
+        saved = _save_size(kl, causal_lm, mode, spec["output_dir"])
+        clock.lap("save")
     return {
         "mode": mode,
         "backend": keras.backend.backend(),

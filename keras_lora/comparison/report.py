@@ -7,17 +7,29 @@
     loss_curves.png     training loss per step; validation before/after
     memory.png          peak memory over training; training overhead
     speed.png           step time and tokens/s
+
+The plots themselves are drawn in `plots.py`.
 """
 
+import collections
 import json
 import os
+import re
 
+from keras_lora.comparison.plots import main_figures
 from keras_lora.files.atomic import atomic_write_file
 
 JSON_NAME = "comparison.json"
 TABLE_NAME = "comparison.txt"
 PLOT_NAMES = ("loss_curves.png", "memory.png", "speed.png")
+ADAPTER_NAME = "lora_adapter"
+# Everything a comparison run writes into its output directory.
+OUTPUT_NAMES = (JSON_NAME, TABLE_NAME, ADAPTER_NAME, *PLOT_NAMES)
 _MIB = 1024.0**2
+# LoRA's validation-loss gain must reach this share of full fine-tuning's.
+GAIN_RATIO_TARGET = 0.6
+# The one check that holds at any size (a count, not a measurement).
+SIZE_INDEPENDENT_CHECKS = ("lora_params_match_formula",)
 
 
 def summarize(results):
@@ -54,6 +66,10 @@ def summarize(results):
             "perplexity_after": after["perplexity"],
         }
     full, lora = summary["full"], summary["lora"]
+    full_gain = before["loss"] - full["val_loss_after"]
+    lora_gain = before["loss"] - lora["val_loss_after"]
+    summary["val_loss_gain"] = {"full": full_gain, "lora": lora_gain}
+    summary["lora_gain_ratio"] = lora_gain / full_gain if full_gain else None
     summary["checks"] = {
         "lora_params_match_formula": lora["trainable_params"]
         == results["expected_lora_params"],
@@ -71,8 +87,45 @@ def summarize(results):
         ),
         "lora_file_smaller_than_full": lora["saved_bytes"]
         < full["saved_bytes"],
+        "lora_gain_at_least_0.6x_full": full_gain > 0
+        and lora_gain >= GAIN_RATIO_TARGET * full_gain,
+        "full_samples_not_degenerate": not any(
+            degenerate(s["completion"]) for s in results["full"]["samples"]
+        ),
+        "lora_samples_not_degenerate": not any(
+            degenerate(s["completion"]) for s in results["lora"]["samples"]
+        ),
     }
+    summary["checks_meaningful"] = not results["config"].get("smoke_test")
     return summary
+
+
+def degenerate(text):
+    """Whether a sample is degenerate: blank, or one word over and over.
+
+    Blank means fewer than three non-space characters; repetitive means
+    one whitespace-separated word makes up more than half of the words
+    (e.g. "the the the ..." or '" " " ...').
+    """
+    if len(re.sub(r"\s", "", text)) < 3:
+        return True
+    words = text.split()
+    top = collections.Counter(words).most_common(1)[0][1]
+    return len(words) >= 4 and top / len(words) > 0.5
+
+
+def failed_checks(summary):
+    """Names of the checks that failed and count (none at smoke-test
+    size, where only `SIZE_INDEPENDENT_CHECKS` are judged)."""
+    return [
+        name
+        for name, ok in summary["checks"].items()
+        if not ok
+        and (
+            summary.get("checks_meaningful", True)
+            or name in SIZE_INDEPENDENT_CHECKS
+        )
+    ]
 
 
 def _less(a, b):
@@ -163,6 +216,12 @@ def format_table(results):
             "",
         ),
         (
+            "val loss gain (base - tuned)",
+            f"{s['val_loss_gain']['full']:.3f}",
+            f"{s['val_loss_gain']['lora']:.3f}",
+            _num(s["lora_gain_ratio"], ".2f"),
+        ),
+        (
             "perplexity: base -> tuned",
             f"{full['perplexity_before']:.1f} -> "
             f"{full['perplexity_after']:.1f}",
@@ -180,15 +239,18 @@ def format_table(results):
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     config = results["config"]
+    targets = config.get("targets", "query_value")
     header = (
         f"GPT-2 fine-tuning: full vs LoRA (rank {config['rank']}, alpha "
-        f"{config['alpha']:g}, query/value) - backend "
-        f"{results['backend']}, {results['isolation']}, "
+        f"{config['alpha']:g}, {_TARGET_NAMES.get(targets, targets)}) - "
+        f"backend {results['backend']}, {results['isolation']}, "
         f"{config['steps']} steps of {config['batch_size']} x "
-        f"{config['sequence_length']} tokens"
+        f"{config['sequence_length']} tokens; peak learning rate full "
+        f"{config['full_learning_rate']:g}, LoRA "
+        f"{config['lora_learning_rate']:g} (warm-up, cosine decay)"
     )
-    out = [header, ""] + lines + ["", _checks_line(s["checks"])]
-    out += ["", "Greedy samples (same prompts):"]
+    out = [header, ""] + lines + [""] + _checks_lines(s)
+    out += ["", _samples_title(config)]
     for index, prompt in enumerate(config["prompts"]):
         out.append(f"  prompt {prompt!r}")
         for name, samples in (
@@ -204,9 +266,32 @@ def format_table(results):
     return "\n".join(out)
 
 
-def _checks_line(checks):
-    marks = [f"{'ok' if v else 'NO'} {k}" for k, v in checks.items()]
-    return "checks: " + ", ".join(marks)
+_TARGET_NAMES = {"query_value": "query/value", "all-linear": "all linear"}
+
+
+def _checks_lines(summary):
+    checks = summary["checks"]
+    if summary.get("checks_meaningful", True):
+        marks = [f"{'ok' if v else 'NO'} {k}" for k, v in checks.items()]
+        return ["checks: " + ", ".join(marks)]
+    judged = [k for k in checks if k in SIZE_INDEPENDENT_CHECKS]
+    marks = [f"{'ok' if checks[k] else 'NO'} {k}" for k in judged]
+    rest = [k for k in checks if k not in SIZE_INDEPENDENT_CHECKS]
+    return [
+        "checks: " + ", ".join(marks),
+        "not meaningful at this size (a smoke test: seconds of training on "
+        "a toy model), so not judged: " + ", ".join(rest),
+    ]
+
+
+def _samples_title(config):
+    top_k = config.get("sample_top_k", 1)
+    if top_k == 1:
+        return "Greedy samples (same prompts):"
+    return (
+        f"Samples (same prompts; top-{top_k} sampling, seed "
+        f"{config.get('sample_seed')}):"
+    )
 
 
 def _base_line(results):
@@ -214,36 +299,39 @@ def _base_line(results):
     if info.get("source") == "preset":
         return f"preset {results['preset']}"
     cached = "cached" if info.get("cached") else "pre-trained this run"
+    held_out = info.get("held_out_loss")
+    learned = "" if held_out is None else f", held-out loss {held_out:.3f}"
     return (
-        f"{cached} ({info['steps']} steps on pydoc_data.topics, "
-        f"{info['pretrain_seconds']:.0f} s) at {results['preset']}"
+        f"{cached} ({info['steps']} steps on {info['corpus']}"
+        f"{learned}, {info['pretrain_seconds']:.0f} s) at {results['preset']}"
     )
 
 
 def write_report(results, output_dir, plots=True):
     """Writes JSON, table and (optionally) plots; returns their paths."""
     paths = [
-        _write_text(
+        write_text(
             os.path.join(output_dir, JSON_NAME),
-            json.dumps(results, indent=2, default=_jsonable),
+            json.dumps(results, indent=2, default=jsonable),
         ),
-        _write_text(
+        write_text(
             os.path.join(output_dir, TABLE_NAME), format_table(results) + "\n"
         ),
     ]
     if plots:
-        for name, figure in zip(PLOT_NAMES, make_figures(results), strict=True):
-            paths.append(_write_figure(os.path.join(output_dir, name), figure))
+        figures = main_figures(results)
+        for name, figure in zip(PLOT_NAMES, figures, strict=True):
+            paths.append(write_figure(os.path.join(output_dir, name), figure))
     return paths
 
 
-def _jsonable(value):
+def jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def _write_text(path, text):
+def write_text(path, text):
     def write(tmp, _scratch):
         with open(tmp, "w") as f:
             f.write(text)
@@ -251,146 +339,8 @@ def _write_text(path, text):
     return atomic_write_file(path, write)
 
 
-def _write_figure(path, figure):
+def write_figure(path, figure):
     def write(tmp, _scratch):
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
     return atomic_write_file(path, write)
-
-
-def make_figures(results):
-    """`(loss, memory, speed)` matplotlib figures (no pyplot state)."""
-    return loss_figure(results), memory_figure(results), speed_figure(results)
-
-
-_COLORS = {"full": "tab:blue", "lora": "tab:orange"}
-_LABELS = {"full": "full fine-tune", "lora": "LoRA"}
-
-
-def _figure(width, height, columns=1):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    axes = figure.subplots(1, columns)
-    return figure, axes
-
-
-def loss_figure(results):
-    figure, ax = _figure(7, 4)
-    for mode in ("full", "lora"):
-        curve = results[mode]["loss_curve"]
-        steps = list(range(1, len(curve) + 1))
-        ax.plot(steps, curve, color=_COLORS[mode], alpha=0.25, linewidth=1)
-        ax.plot(
-            steps,
-            _smooth(curve),
-            color=_COLORS[mode],
-            label=f"{_LABELS[mode]} (train, smoothed)",
-        )
-        after = results[mode]["validation_after"]["loss"]
-        ax.scatter(
-            [len(curve)],
-            [after],
-            color=_COLORS[mode],
-            marker="*",
-            s=120,
-            zorder=3,
-            label=f"{_LABELS[mode]} validation after: {after:.3f}",
-        )
-    before = results["base"]["validation_before"]["loss"]
-    ax.axhline(
-        before,
-        color="gray",
-        linestyle="--",
-        label=f"base model validation: {before:.3f}",
-    )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(f"Training loss ({results['backend']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return figure
-
-
-def _smooth(values, width=None):
-    width = width or max(1, len(values) // 15)
-    out, total = [], 0.0
-    for index, value in enumerate(values):
-        total += value
-        if index >= width:
-            total -= values[index - width]
-        out.append(total / min(index + 1, width))
-    return out
-
-
-def memory_figure(results):
-    figure, (left, right) = _figure(10, 3.8, columns=2)
-    kind = results["full"]["memory"]["kind"]
-    what = "GPU memory" if kind == "gpu" else "process RSS (CPU)"
-    for mode in ("full", "lora"):
-        records = results[mode]["memory"]["records"]
-        left.plot(
-            [r["step"] for r in records],
-            [r["peak_bytes"] / _MIB for r in records],
-            marker="o",
-            color=_COLORS[mode],
-            label=f"{_LABELS[mode]} peak",
-        )
-    left.set_xlabel("training step")
-    left.set_ylabel("MiB")
-    left.set_title(f"Peak {what}", fontsize=10)
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    names = [_LABELS[m] for m in ("full", "lora")]
-    baseline = [
-        (results[m]["memory"]["baseline_bytes"] or 0) / _MIB
-        for m in ("full", "lora")
-    ]
-    overhead = [
-        (results[m]["memory"]["overhead_bytes"] or 0) / _MIB
-        for m in ("full", "lora")
-    ]
-    right.bar(names, baseline, color="lightgray", label="in use at start")
-    right.bar(
-        names,
-        overhead,
-        bottom=baseline,
-        color=[_COLORS["full"], _COLORS["lora"]],
-        label="training overhead",
-    )
-    for index, value in enumerate(overhead):
-        right.text(
-            index,
-            baseline[index] + value,
-            f"+{value:.0f} MiB",
-            ha="center",
-            va="bottom",
-            fontsize=9,
-        )
-    right.set_ylabel("MiB")
-    right.set_title("Memory at start + training overhead", fontsize=10)
-    right.legend(fontsize=8, loc="lower right")
-    return figure
-
-
-def speed_figure(results):
-    figure, (left, right) = _figure(10, 3.8, columns=2)
-    names = [_LABELS[m] for m in ("full", "lora")]
-    colors = [_COLORS["full"], _COLORS["lora"]]
-    times = [results[m]["timer"]["step_times_s"] for m in ("full", "lora")]
-    if all(times):
-        left.boxplot(times, showfliers=False)
-        left.set_xticks([1, 2], names)
-    left.set_ylabel("seconds per step")
-    left.set_title("Step time (after warm-up)", fontsize=10)
-    left.grid(alpha=0.3)
-    tokens = [
-        results[m]["timer"]["tokens_per_second"] or 0.0
-        for m in ("full", "lora")
-    ]
-    right.bar(names, tokens, color=colors)
-    for index, value in enumerate(tokens):
-        right.text(index, value, f"{value:,.0f}", ha="center", va="bottom")
-    right.set_ylabel("tokens / s")
-    right.set_title("Training throughput (median step)", fontsize=10)
-    return figure

@@ -43,6 +43,7 @@ def run_comparison(
     isolation="subprocess",
     progress=True,
     plots=True,
+    overwrite=False,
 ):
     """Runs the comparison and writes its report to `output_dir`.
 
@@ -56,6 +57,8 @@ def run_comparison(
             `"in-process"`.
         progress: print progress lines and bars.
         plots: write the PNG plots.
+        overwrite: replace an earlier comparison's results in `output_dir`
+            (otherwise that is an error, see `check_output_dir`).
 
     Returns:
         The results dict (also written to `output_dir/comparison.json`).
@@ -68,14 +71,14 @@ def run_comparison(
             f"got {isolation!r}."
         )
     clock = Clock()
-    output_dir = os.path.abspath(os.fspath(output_dir))
+    output_dir = check_output_dir(output_dir, report.OUTPUT_NAMES, overwrite)
     os.makedirs(output_dir, exist_ok=True)
     preset, base_info = base_model.prepare_base(config, cache_dir, progress)
     clock.lap("base_model")
 
     with tempfile.TemporaryDirectory(prefix=".work-", dir=output_dir) as work:
         windows_path = os.path.join(work, "windows.npz")
-        base = _prepare_data_and_base(
+        base = prepare_data_and_base(
             config, preset, windows_path, progress, clock
         )
         phases = {}
@@ -105,7 +108,7 @@ def run_comparison(
         "full": phases["full"],
         "lora": phases["lora"],
         "expected_lora_params": config.lora_parameter_count(
-            base["num_layers"], base["hidden_dim"]
+            base["num_layers"], base["hidden_dim"], base["intermediate_dim"]
         ),
         "seconds": clock.laps,
         "wall_seconds": sum(clock.laps.values()),
@@ -115,8 +118,39 @@ def run_comparison(
     return results
 
 
-def _prepare_data_and_base(config, preset, windows_path, progress, clock):
-    """Tokenizes the corpus, saves the windows, measures the base model."""
+def check_output_dir(output_dir, names, overwrite=False):
+    """`output_dir` as an absolute path, unless it holds an earlier run.
+
+    An earlier run's files (any of `names`) are never replaced silently:
+    without `overwrite` this raises `FileExistsError` naming the files and
+    the two ways out.
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(
+            f"--output-dir: '{output_dir}' is a file, not a directory; "
+            "choose another --output-dir."
+        )
+    if overwrite or not os.path.isdir(output_dir):
+        return output_dir
+    earlier = sorted(set(os.listdir(output_dir)) & set(names))
+    if earlier:
+        raise FileExistsError(
+            f"--output-dir: '{output_dir}' already holds an earlier run's "
+            f"results ({', '.join(earlier)}). Choose another --output-dir, "
+            "or pass --overwrite to replace them."
+        )
+    return output_dir
+
+
+def prepare_data_and_base(
+    config, preset, windows_path, progress, clock, samples=True
+):
+    """Tokenizes the corpus, saves the windows, measures the base model.
+
+    The same held-out windows (the end of the token stream) are what every
+    fine-tune of this run is evaluated on.
+    """
     import keras
 
     import keras_lora as kl
@@ -149,23 +183,29 @@ def _prepare_data_and_base(config, preset, windows_path, progress, clock):
     np.savez(windows_path, train=train, validation=val)
     clock.lap("data")
 
-    status("base model: evaluating and generating samples", progress)
-    model = training.training_model(causal_lm)
-    model.compile(
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    status("base model: evaluating on the held-out windows", progress)
+    model = training.compile_for_evaluation(training.training_model(causal_lm))
     before = training.evaluate_loss(model, val, config.batch_size)
     clock.lap("base_evaluate")
-    samples = training.generate_samples(
-        causal_lm, config.prompts, config.generate_length
-    )
-    clock.lap("base_generate")
+    if samples:
+        status("base model: generating samples", progress)
+        samples = training.generate_samples(
+            causal_lm,
+            config.prompts,
+            config.generate_length,
+            top_k=config.sample_top_k,
+            seed=config.sample_seed,
+        )
+        clock.lap("base_generate")
+    else:
+        samples = []
     trainable, total = kl.count_parameters(causal_lm)
     backbone = causal_lm.backbone
     result = {
         "total_params": int(total),
         "num_layers": int(backbone.num_layers),
         "hidden_dim": int(backbone.hidden_dim),
+        "intermediate_dim": int(backbone.intermediate_dim),
         "vocabulary_size": int(backbone.vocabulary_size),
         "data_source": source,
         "data_tokens": int(len(token_ids)),

@@ -35,48 +35,61 @@ def register(subparsers):
         default=[],
         type=_adapter_arg,
         metavar="NAME=DIR",
-        help="load an adapter directory at start-up (repeatable)",
+        help="load an adapter directory at start-up (repeatable; default: "
+        "none)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="bind address")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default: %(default)s, this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="TCP port (default: %(default)s)"
+    )
     parser.add_argument(
         "--max-batch",
         type=_positive_int,
         default=32,
-        help="most requests in one batched pass (1 disables batching)",
+        help="most requests in one batched pass (1 disables batching; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--max-queue",
         type=_positive_int,
         default=64,
-        help="most requests queued or running; more get HTTP 429",
+        help="most requests queued or running; more get HTTP 429 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--slots",
         type=_positive_int,
         default=8,
-        help="adapters resident on the device at once",
+        help="adapters resident on the device at once (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-window-ms",
         type=_non_negative_float,
         default=5.0,
-        help="how long to wait for more requests to batch (milliseconds)",
+        help="how long to wait for more requests to batch, in "
+        "milliseconds (default: %(default)s)",
     )
     parser.add_argument(
         "--max-prompt-tokens",
         type=_positive_int,
-        help="longest prompt accepted (default: the engine's)",
+        help="longest prompt accepted, in tokens (default: "
+        "--max-total-tokens minus 2, the start token and one new token)",
     )
     parser.add_argument(
         "--max-total-tokens",
         type=_positive_int,
-        help="longest prompt plus completion (default: the engine's)",
+        help="longest prompt plus completion, in tokens (default: the "
+        "model's max_sequence_length)",
     )
     parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: %(default)s)",
     )
     parser.set_defaults(func=serve)
 
