@@ -4,10 +4,19 @@ The workflow lives here (`kl.apply_lora`, `kl.save_adapter`, ...); the
 building blocks live in subpackages: `kl.layers` (LoRA layer classes, the
 layer registry, adapter variants), `kl.model` (configs, model surgery,
 model-level operations), `kl.files` (adapter and model files), `kl.serving`
-(routing many adapters through one model), `kl.interop` (PEFT adapters).
+(routing many adapters through one model), `kl.interop` (PEFT adapters),
+`kl.optimizers` (LoRA+).
 """
 
-from keras_lora import callbacks, files, interop, layers, losses, model
+from keras_lora import (
+    callbacks,
+    files,
+    interop,
+    layers,
+    losses,
+    model,
+    optimizers,
+)
 from keras_lora.files import (
     load_adapter,
     load_model,
@@ -73,6 +82,7 @@ __all__ = [
     "merge_adapters",
     "merge_and_unload",
     "model",
+    "optimizers",
     "print_trainable_parameters",
     "read_adapter",
     "save_adapter",

@@ -239,3 +239,50 @@ def layout_map_of(distribution):
     only the lookup result (`get_tensor_layout`), not the map's keys.
     """
     return getattr(distribution, "_layout_map", None)
+
+
+class PerVariableLearningRate:
+    """Mixin for a Keras optimizer class: each trainable variable is
+    updated with `learning_rate * self.learning_rate_multiplier(variable)`
+    (LoRA+ trains B faster than A).
+
+    Keras applies one learning rate to all variables inside the private
+    `_backend_update_step` (per-variable `update_step` calls on JAX, the
+    fused `_parallel_update_step` on torch, a distributed step on
+    TensorFlow) and in `_apply_weight_decay`; there is no public per-variable
+    learning rate. This mixin runs each of them once per group of variables
+    that share a multiplier, so every backend's own update code still does
+    the work, and decoupled weight decay scales with the group's rate (as
+    with one optimizer per group).
+    """
+
+    def learning_rate_multiplier(self, variable):
+        return 1.0
+
+    def _groups(self, items, variable_of):
+        groups = {}
+        for item in items:
+            factor = float(self.learning_rate_multiplier(variable_of(item)))
+            groups.setdefault(factor, []).append(item)
+        return groups
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        pairs = list(zip(grads, trainable_variables, strict=True))
+        for factor, group in self._groups(pairs, lambda p: p[1]).items():
+            rate = learning_rate if factor == 1.0 else learning_rate * factor
+            super()._backend_update_step(
+                [g for g, _ in group], [v for _, v in group], rate
+            )
+
+    def _apply_weight_decay(self, variables):
+        decay = self.weight_decay
+        if decay is None:
+            return super()._apply_weight_decay(variables)
+        for factor, group in self._groups(variables, lambda v: v).items():
+            # Keras reads the decay from the attribute: `wd * lr` becomes
+            # `(factor * wd) * lr` for this group only.
+            self.weight_decay = decay * factor
+            try:
+                super()._apply_weight_decay(group)
+            finally:
+                self.weight_decay = decay

@@ -196,6 +196,159 @@ def test_matches_peft_linear_outputs_and_gradients():
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def _peft_dora(module, seed):
+    """A PEFT DoRA adapter (r=2, alpha=4) on torch `module`, randomised."""
+    import peft
+    import torch
+
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["0"], use_dora=True
+    )
+    tuned = peft.get_peft_model(torch.nn.Sequential(module), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(param.shape, generator=generator) * 0.5
+                if "magnitude" in name:
+                    param.mul_(1.0 + noise)
+                else:
+                    param.copy_(noise)
+    return tuned, tuned.base_model.model[0]
+
+
+def _embedding_case():
+    import torch
+
+    torch.manual_seed(0)
+    tuned, peft_layer = _peft_dora(torch.nn.Embedding(10, 4), 0)
+    base = keras.layers.Embedding(10, 4)
+    base.build((None,))
+    base.embeddings.assign(peft_layer.base_layer.weight.detach().numpy())
+    layer = kl.layers.LoraEmbedding.from_layer(
+        base, rank=2, alpha=4.0, use_dora=True
+    )
+    tensors = {
+        "lora_a": peft_layer.lora_embedding_A["default"],
+        "lora_b": peft_layer.lora_embedding_B["default"],
+        "lora_magnitude": peft_layer.lora_magnitude_vector["default"].weight,
+    }
+    ids = np.array([[1, 2, 3], [9, 0, 3]])
+    return tuned, layer, tensors, ids, ids, lambda y: y
+
+
+def _conv_case(data_format):
+    import torch
+
+    torch.manual_seed(0)
+    tuned, peft_layer = _peft_dora(torch.nn.Conv2d(3, 5, 3, padding=1), 1)
+    channels_last = data_format == "channels_last"
+    base = keras.layers.Conv2D(5, 3, padding="same", data_format=data_format)
+    base.build((None, 6, 6, 3) if channels_last else (None, 3, 6, 6))
+    weight = peft_layer.base_layer.weight.detach().numpy()
+    base.kernel.assign(weight.transpose(2, 3, 1, 0))
+    base.bias.assign(peft_layer.base_layer.bias.detach().numpy())
+    layer = kl.layers.LoraConv.from_layer(
+        base, rank=2, alpha=4.0, use_dora=True
+    )
+    tensors = {
+        "lora_a": peft_layer.lora_A["default"].weight,
+        "lora_b": peft_layer.lora_B["default"].weight,
+        "lora_magnitude": peft_layer.lora_magnitude_vector["default"].weight,
+    }
+    x = _random((2, 3, 6, 6))
+    if channels_last:
+        return tuned, layer, tensors, x, x.transpose(0, 2, 3, 1), _to_nchw
+    return tuned, layer, tensors, x, x, lambda y: y
+
+
+def _to_nchw(y):
+    return y.transpose(0, 3, 1, 2)
+
+
+# PEFT's tensor layouts in keras_lora's: embedding A/B are transposed;
+# conv A (r, in, kh, kw) -> (kh, kw, in, r), B (out, r, 1, 1) -> (r, out),
+# magnitude (1, out, 1, 1) -> (out,).
+_TO_KERAS = {
+    "embedding": {
+        "lora_a": lambda v: v.T,
+        "lora_b": lambda v: v.T,
+        "lora_magnitude": lambda v: v,
+    },
+    "conv": {
+        "lora_a": lambda v: v.transpose(2, 3, 1, 0),
+        "lora_b": lambda v: v[:, :, 0, 0].T,
+        "lora_magnitude": lambda v: v.reshape(-1),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "case", ["embedding", "conv_channels_last", "conv_channels_first"]
+)
+def test_embedding_and_conv_match_peft(case):
+    """PEFT's DoraEmbeddingLayer and DoraConv2dLayer: outputs, gradients
+    of A, B and the magnitude, and exact merges."""
+    import torch
+
+    if case == "embedding":
+        tuned, layer, tensors, x_torch, x, to_torch = _embedding_case()
+        layout = _TO_KERAS["embedding"]
+    else:
+        tuned, layer, tensors, x_torch, x, to_torch = _conv_case(case[5:])
+        layout = _TO_KERAS["conv"]
+    for tensor, param in tensors.items():
+        value = param.detach().numpy()
+        layer.adapter_variables()[tensor].assign(layout[tensor](value))
+    out = tuned(torch.tensor(x_torch))
+    (out**2).mean().backward()
+    expected = out.detach().numpy()
+    np.testing.assert_allclose(
+        to_torch(to_numpy(layer(x))), expected, atol=1e-5
+    )
+    grads = gradients(layer, x)
+    for got, (tensor, param) in zip(grads, tensors.items(), strict=True):
+        want = layout[tensor](param.grad.numpy())
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=tensor)
+    layer.merge()
+    np.testing.assert_allclose(
+        to_torch(to_numpy(layer(x))), expected, atol=1e-5
+    )
+
+
+def test_tied_embedding_logits_use_the_dora_table():
+    """A tied ReversibleEmbedding's logits are `h @ (f * (E + s A B))^T`,
+    merged or not."""
+    base = keras.layers.ReversibleEmbedding(12, 4, tie_weights=True)
+    base.build((None,))
+    layer = kl.layers.LoraEmbedding.from_layer(
+        base, rank=2, alpha=4.0, use_dora=True
+    )
+    variables = layer.adapter_variables()
+    for tensor, variable in variables.items():
+        value = _random(variable.shape)
+        if tensor == "lora_magnitude":
+            value = to_numpy(variable) * (1.0 + value)
+        variable.assign(value)
+    table = to_numpy(base.embeddings)
+    a, b, m = (
+        to_numpy(variables[t]) for t in ("lora_a", "lora_b", "lora_magnitude")
+    )
+    direction = table + 2.0 * a @ b
+    effective = direction * m / np.linalg.norm(direction, axis=0)
+    h = _random((3, 4))
+    expected = h @ effective.T
+    np.testing.assert_allclose(
+        to_numpy(layer(h, reverse=True)), expected, atol=1e-5
+    )
+    ids = np.array([0, 5, 11])
+    np.testing.assert_allclose(to_numpy(layer(ids)), effective[ids], atol=1e-5)
+    layer.merge()
+    np.testing.assert_allclose(
+        to_numpy(layer(h, reverse=True)), expected, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("case", sorted(LAYERS))
 def test_fresh_adapter_changes_nothing(case):
     make, x_shape, _ = LAYERS[case]
@@ -370,6 +523,25 @@ def test_weighted_combination_refused_with_reason():
     model = _adapted()
     with pytest.raises(ValueError, match="'dora' adapter, which cannot"):
         kl.add_weighted_adapter(model, ["default"], [1.0], "mix")
+
+
+def test_quantized_base_refused_without_changes():
+    model = _model()
+    model.quantize("int8")
+    before = {w.path: to_numpy(w).copy() for w in model.weights}
+    config = kl.LoraConfig(rank=2, target_modules=["fc1"], use_dora=True)
+    with pytest.raises(ValueError, match="'fc1' .*, but the layer is int8-quantized"):
+        kl.apply_lora(model, config)
+    assert kl.lora_layers(model) == []
+    after = {w.path: to_numpy(w) for w in model.weights}
+    assert sorted(after) == sorted(before)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value)
+    # Quantized after DoRA was applied: refused at the next call.
+    model = _adapted()
+    kl.lora_layers(model)[0].base_layer.quantize("int8")
+    with pytest.raises(ValueError, match="Use plain LoRA on quantized"):
+        model(X)
 
 
 DORA_OPERATIONS = {

@@ -32,7 +32,7 @@ from keras_lora.layers import quantization
 from keras_lora.layers.layouts import adapter_layout
 from keras_lora.layers.registry import lora_class_for
 from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec, variant_for
-from keras_lora.layers.variants import get_variant
+from keras_lora.layers.variants import get_variant, mark_tensor
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -47,6 +47,10 @@ class Adapter:
     # norms at merge time): numpy arrays, saved in `.keras` files for
     # merged adapters, never in adapter files.
     state: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for tensor, variable in self.variables.items():
+            mark_tensor(variable, tensor)
 
     @property
     def name(self):

@@ -35,6 +35,7 @@ merging several adapters in turn gives the outputs of the unmerged layer.
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import quantization
 from keras_lora.layers.variants import LoraVariant, register_variant
 
 MAGNITUDE = "lora_magnitude"
@@ -47,8 +48,23 @@ def output_units_shape(lora_class, base_layer):
     return tuple(shape[i] for i in lora_class.kernel_output_axes(base_layer))
 
 
+def check_float_base(base_layer, where):
+    """Raises `ValueError` for a quantized base: DoRA reads the float
+    kernel's norms on every step, and keras_lora does not dequantize."""
+    mode = quantization.quantization_mode(base_layer)
+    if mode is not None:
+        raise ValueError(
+            f"{where}: DoRA needs the float kernel of layer "
+            f"'{base_layer.name}' (its norms per output unit, on every "
+            f"step), but the layer is {mode}-quantized. Use plain LoRA on "
+            "quantized bases (QLoRA), or DoRA on the float model before "
+            "quantizing it."
+        )
+
+
 def float_kernel(layer):
     """The base kernel as a float32 tensor."""
+    check_float_base(layer.base_layer, f"Layer '{layer.name}'")
     return ops.cast(layer.kernel_of(layer.base_layer), "float32")
 
 
@@ -97,6 +113,7 @@ class DoraVariant(LoraVariant):
     rescales_outputs = True
 
     def tensor_shapes(self, lora_class, base_layer, spec):
+        check_float_base(base_layer, f"Adapter '{spec.name}'")
         shapes = super().tensor_shapes(lora_class, base_layer, spec)
         shapes[MAGNITUDE] = output_units_shape(lora_class, base_layer)
         return shapes
@@ -144,9 +161,11 @@ class DoraVariant(LoraVariant):
 
     def forward(self, layer, adapter, inputs, outputs, training):
         x = layer.branch_inputs(inputs, adapter.spec.dropout, training)
+        if layer.kernel_transposed:
+            return self._transposed_forward(layer, adapter, x, outputs)
         # PEFT scales the running result; with dropout, the base output
         # of the dropped input instead.
-        base = outputs if x is inputs else layer.base_layer(x)
+        base = outputs if x is inputs else layer.base_call(x)
         bias = layer.output_bias()
         if bias is not None:
             base = base - ops.cast(bias, base.dtype)
@@ -157,6 +176,14 @@ class DoraVariant(LoraVariant):
             + layer.scale_output_units(base, factor - 1.0)
             + layer.scale_output_units(lora, factor)
         )
+
+    def _transposed_forward(self, layer, adapter, x, outputs):
+        """`x @ (f * (W + s A B))^T` when the call uses the transposed
+        kernel (a tied embedding's logits): the factor then scales the
+        input's units, `outputs + base(x (f - 1)) + s ((x f) B^T) A^T`."""
+        factor = ops.cast(self.factor(layer, adapter), x.dtype)
+        extra = layer.base_call(x * (factor - 1.0))
+        return outputs + extra + self.low_rank(layer, adapter, x * factor)
 
     def delta(self, layer, adapter):
         """`f * (W + s A B) - W`: what merging adds to the kernel."""

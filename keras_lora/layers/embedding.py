@@ -119,6 +119,10 @@ class LoraEmbedding(LoraLayer):
         # Token ids are integers: the branch computes in the layer's dtype.
         return ops.cast(a, self.compute_dtype), ops.cast(b, self.compute_dtype)
 
+    @property
+    def kernel_transposed(self):
+        return self._reverse
+
     def branch_inputs(self, inputs, rate, training):
         if not self._reverse:
             return inputs  # never drop out token ids

@@ -33,6 +33,20 @@ The hooks (PEFT's `LoraVariant` seam, in Keras terms):
 from keras import ops
 
 _VARIANTS = {}
+# Adapter variables carry their tensor name, so code that sees only
+# variables (an optimizer: LoRA+ trains B faster) can tell them apart.
+_TENSOR_ATTRIBUTE = "_keras_lora_tensor"
+
+
+def mark_tensor(variable, tensor):
+    """Records that `variable` holds adapter tensor `tensor`."""
+    setattr(variable, _TENSOR_ATTRIBUTE, tensor)
+
+
+def tensor_of(variable):
+    """The adapter tensor `variable` holds (`"lora_a"`, `"lora_b"`,
+    `"lora_magnitude"`, ...), or None for any other variable."""
+    return getattr(variable, _TENSOR_ATTRIBUTE, None)
 
 
 def register_variant(variant):
