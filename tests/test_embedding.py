@@ -7,6 +7,7 @@ import pytest
 import keras_lora as kl
 from keras_lora.serving import routing
 from tests.conftest import gradients, to_numpy
+from tests.test_peft_interop import hf_dirs  # noqa: F401 - a fixture
 
 VOCAB, DIM, RANK = 12, 6, 3
 RNG = np.random.default_rng(0)
@@ -275,3 +276,140 @@ def test_routed_rows_equal_each_adapter_alone():
     for i, name in enumerate(rows):
         for got, want in zip(outputs, expected[name], strict=True):
             np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-5)
+
+
+# -- PEFT interop (lora_embedding_A/B on GPT-2's wte, Llama's embed_tokens) --
+
+
+def _peft_embedding_adapter(dirs, arch, root):
+    """A PEFT adapter on the token embedding and one projection, random."""
+    import peft
+
+    from tests.test_peft_interop import hf_model, randomise_peft
+
+    targets = {"gpt2": ["wte", "c_attn"], "llama": ["embed_tokens", "q_proj"]}
+    kwargs = {"fan_in_fan_out": True} if arch == "gpt2" else {}
+    tuned = peft.get_peft_model(
+        hf_model(dirs[arch]),
+        peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=2,
+            lora_alpha=4,
+            target_modules=targets[arch],
+            **kwargs,
+        ),
+    )
+    randomise_peft(tuned, seed=3)
+    tuned.save_pretrained(root)
+    return tuned.eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_peft_embedding_adapters_import_and_export(arch, request, tmp_path):
+    """GPT-2's tied wte: keras_lora's logits are PEFT's merged model's
+    (PEFT's unmerged forward leaves its tied LM head unadapted); Llama's
+    untied embed_tokens: PEFT's unmerged logits too."""
+    from tests.test_peft_interop import (
+        TOL,
+        hf_model,
+        hf_out,
+        keras_model,
+        keras_out,
+        read_peft,
+    )
+
+    dirs = request.getfixturevalue("hf_dirs")
+    tuned = _peft_embedding_adapter(dirs, arch, tmp_path / "peft")
+    unmerged = hf_out(tuned)
+    merged = hf_out(tuned.merge_and_unload())
+    tied = arch == "gpt2"
+    assert bool(np.abs(unmerged - merged).max() > 1e-2) is tied
+
+    model = keras_model(dirs[arch])
+    with warnings_if(tied, "tied to the logits"):
+        kl.import_peft(model, tmp_path / "peft")
+    layer = model.backbone.token_embedding
+    assert isinstance(layer, kl.LoraEmbedding)
+    a, b = layer.lora_weights()
+    assert (tuple(a.shape), tuple(b.shape)) == ((100, 2), (2, 16))
+    np.testing.assert_allclose(keras_out(model), merged, atol=TOL)
+
+    with warnings_if(tied, "also changes the tied logits"):
+        kl.export_peft(model, tmp_path / "back")
+    config, tensors = read_peft(tmp_path / "back")
+    _, original = read_peft(tmp_path / "peft")
+    # PEFT may also save the whole embedding weight (save_embedding_layers);
+    # keras_lora checks it against the model and writes adapters only.
+    original = {k: v for k, v in original.items() if ".base_layer." not in k}
+    assert sorted(tensors) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_allclose(tensors[key], value, rtol=1e-6)
+    module = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}[arch]
+    key = f"base_model.model.{module}.lora_embedding_A"
+    assert tensors[key].shape == (2, 100)  # PEFT's layout: (r, vocabulary)
+    import peft
+
+    reloaded = peft.PeftModel.from_pretrained(
+        hf_model(dirs[arch]), str(tmp_path / "back")
+    )
+    np.testing.assert_allclose(
+        hf_out(reloaded.merge_and_unload()), merged, atol=TOL
+    )
+
+
+def test_keras_embedding_adapter_exports_to_peft(request, tmp_path):
+    from tests.test_peft_interop import hf_model, hf_out, keras_model, keras_out
+
+    dirs = request.getfixturevalue("hf_dirs")
+    model = keras_model(dirs["llama"])
+    kl.apply_lora(
+        model,
+        kl.LoraConfig(rank=2, target_modules=["token_embedding", "query"]),
+    )
+    for layer in kl.lora_layers(model):
+        _randomize(layer)
+    kl.export_peft(model, tmp_path / "out")
+    import peft
+
+    tuned = peft.PeftModel.from_pretrained(
+        hf_model(dirs["llama"]), str(tmp_path / "out")
+    )
+    np.testing.assert_allclose(hf_out(tuned), keras_out(model), atol=1e-4)
+
+
+def warnings_if(expected, match):
+    """`pytest.warns(UserWarning, match=match)` if `expected`, else a
+    check that no such warning is raised."""
+    import contextlib
+    import warnings
+
+    if expected:
+        return pytest.warns(UserWarning, match=match)
+
+    @contextlib.contextmanager
+    def none():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        assert not [w for w in caught if match in str(w.message)]
+
+    return none()
+
+
+def test_import_refuses_a_changed_saved_embedding(request, tmp_path):
+    import safetensors.numpy
+
+    from tests.test_peft_interop import keras_model
+
+    dirs = request.getfixturevalue("hf_dirs")
+    _peft_embedding_adapter(dirs, "llama", tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors  # PEFT saved the embedding (save_embedding_layers)
+    tensors[key] = tensors[key] + 1.0  # a resized or trained vocabulary
+    safetensors.numpy.save_file(tensors, path)
+    model = keras_model(dirs["llama"])
+    with pytest.raises(ValueError, match="vocabulary was resized or trained"):
+        kl.import_peft(model, tmp_path)
+    assert not kl.lora_layers(model)

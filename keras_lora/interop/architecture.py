@@ -22,13 +22,19 @@ class HfModule:
     """An HF linear module of a block and the keras-hub layers it covers.
 
     Attributes:
-        name: the module's path inside a block, e.g. `"attn.c_attn"`.
-        parts: keras-hub layer paths inside a block, in the order their
-            outputs are concatenated in the HF module's output.
+        name: the module's path inside a block, e.g. `"attn.c_attn"` (or
+            in the model, for `Architecture.embeddings`: `"wte"`).
+        parts: keras-hub layer paths inside a block (or the backbone), in
+            the order their outputs are concatenated in the HF module's
+            output.
+        kind: `"linear"` (PEFT keys `lora_A.weight`/`lora_B.weight`) or
+            `"embedding"` (`lora_embedding_A`/`lora_embedding_B`; the same
+            transposed layout: A `(r, vocabulary)`, B `(width, r)`).
     """
 
     name: str
     parts: tuple
+    kind: str = "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,8 @@ class Architecture:
         layers_pattern: PEFT's `layers_pattern` for these blocks.
         fan_in_fan_out: PEFT's flag (True for GPT-2's Conv1D weights).
         modules: the `HfModule`s of a block.
+        embeddings: `HfModule`s outside the blocks (the token embedding),
+            their parts relative to the backbone.
     """
 
     name: str
@@ -60,6 +68,7 @@ class Architecture:
     layers_pattern: str
     fan_in_fan_out: bool
     modules: tuple
+    embeddings: tuple = ()
 
 
 @dataclasses.dataclass
@@ -71,7 +80,7 @@ class Slot:
     """
 
     module: str  # e.g. "h.0.attn.c_attn", relative to the bare HF model
-    block: int
+    block: int  # None outside the blocks (the token embedding)
     hf: HfModule
     sites: list
     in_dim: int

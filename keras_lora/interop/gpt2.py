@@ -3,7 +3,8 @@
 HF GPT-2 computes query, key and value with one fused Conv1D, `c_attn`,
 whose output is `[query | key | value]` (each `n_embd` wide, heads
 row-major); keras-hub has three EinsumDense layers (`abc,cde->abde`,
-kernel `(hidden, heads, head_dim)`).
+kernel `(hidden, heads, head_dim)`). The token embedding `wte` is tied to
+the LM head in both.
 """
 
 from keras_lora.interop.architecture import Architecture, HfModule
@@ -35,4 +36,5 @@ ARCHITECTURE = Architecture(
         HfModule("mlp.c_fc", ("feedforward_intermediate_dense",)),
         HfModule("mlp.c_proj", ("feedforward_output_dense",)),
     ),
+    embeddings=(HfModule("wte", ("token_embedding",), kind="embedding"),),
 )

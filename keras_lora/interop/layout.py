@@ -63,38 +63,45 @@ def resolve(model, where):
         prefix = found[0].path + "/"
     index = SiteIndex(sites)
     slots = {}
+    for hf in arch.embeddings:
+        slots[hf.name] = _slot(index, hf.name, None, hf, prefix, where)
     num_blocks = int(backbone.num_layers)
     for block in range(num_blocks):
-        keras_block = prefix + arch.keras_block.format(block)
+        keras_block = prefix + arch.keras_block.format(block) + "/"
         for hf in arch.modules:
-            part_sites = [
-                index.site(f"{keras_block}/{part}", where) for part in hf.parts
-            ]
-            in_dims, out_dims = [], []
-            for site in part_sites:
-                cls = lora_class_of(site.layer)
-                if cls is None:
-                    raise ValueError(
-                        f"{where}: layer '{site.path}' is a "
-                        f"{type(site.layer).__name__}, which keras_lora "
-                        "cannot adapt."
-                    )
-                a_shape, b_shape = cls.adapter_shapes_for(
-                    base_of(site.layer), 1
-                )
-                in_dims.append(math.prod(a_shape[:-1]))
-                out_dims.append(math.prod(b_shape[1:]))
             module = f"{arch.hf_block.format(block)}.{hf.name}"
-            if len(set(in_dims)) != 1:
-                raise ValueError(
-                    f"{where}: the layers of HF module '{module}' "
-                    f"({[s.path for s in part_sites]}) read inputs of "
-                    f"different sizes {in_dims}; they cannot be fused."
-                )
-            slots[module] = Slot(
-                module, block, hf, part_sites, in_dims[0], out_dims
-            )
+            slots[module] = _slot(index, module, block, hf, keras_block, where)
     return Layout(arch, kind, num_blocks, slots, sites)
+
+
+def _slot(index, module, block, hf, prefix, where):
+    """The `Slot` of HF module `module`, its parts under `prefix`."""
+    part_sites = [index.site(prefix + part, where) for part in hf.parts]
+    in_dims, out_dims = [], []
+    for site in part_sites:
+        cls = lora_class_of(site.layer)
+        if cls is None:
+            raise ValueError(
+                f"{where}: layer '{site.path}' is a "
+                f"{type(site.layer).__name__}, which keras_lora cannot adapt."
+            )
+        a_shape, b_shape = cls.adapter_shapes_for(base_of(site.layer), 1)
+        in_dims.append(math.prod(a_shape[:-1]))
+        out_dims.append(math.prod(b_shape[1:]))
+    if len(set(in_dims)) != 1:
+        raise ValueError(
+            f"{where}: the layers of HF module '{module}' "
+            f"({[s.path for s in part_sites]}) read inputs of different "
+            f"sizes {in_dims}; they cannot be fused."
+        )
+    return Slot(module, block, hf, part_sites, in_dims[0], out_dims)
+
+
+def tied_logits(slot):
+    """True if the slot's layer is a token embedding tied to the logits."""
+    site = slot.sites[0]
+    cls = lora_class_of(site.layer)
+    return bool(cls.describe(base_of(site.layer)).get("tied_logits"))
 
 
 def hf_prefix(layout, task_type):

@@ -32,4 +32,7 @@ ARCHITECTURE = Architecture(
         HfModule("mlp.up_proj", ("feedforward_intermediate_dense",)),
         HfModule("mlp.down_proj", ("feedforward_output_dense",)),
     ),
+    embeddings=(
+        HfModule("embed_tokens", ("token_embedding",), kind="embedding"),
+    ),
 )

@@ -15,6 +15,12 @@ exactly (outputs agree to float32 rounding):
 - Per-module ranks and alphas go to `rank_pattern`/`alpha_pattern` (exact
   module paths); rsLoRA is kept when every layer uses it, otherwise the
   alphas carry the scale.
+- Token embeddings (`wte`, `embed_tokens`) are written as PEFT embedding
+  adapters (`lora_embedding_A (r, vocabulary)`, `lora_embedding_B (width,
+  r)`, the same transposes). A tied embedding (GPT-2's) adapts the logits
+  too in keras_lora, as in PEFT's *merged* model; PEFT's unmerged forward
+  applies an embedding adapter to the input lookup only (its LM head is a
+  separate module sharing the weight), so export warns about it.
 - DoRA adapters (`use_dora=True`): each module's `lora_magnitude_vector`
   is its parts' magnitudes, concatenated like B's rows. A part of a fused
   module without the adapter gets its base kernel's norms, so PEFT's
@@ -32,7 +38,7 @@ import numpy as np
 
 from keras_lora.files.paths import base_of, lora_class_of
 from keras_lora.interop import peft_format
-from keras_lora.interop.layout import hf_prefix, resolve
+from keras_lora.interop.layout import hf_prefix, resolve, tied_logits
 from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.dora import MAGNITUDE
 from keras_lora.model.records import applied_config, check_portable
@@ -97,6 +103,7 @@ def export_peft(
     for name, slot in layout.slots.items():
         parts = [adapted.get(site.path) for site in slot.sites]
         if any(parts):
+            _check_embedding(slot, use_dora, where)
             modules[name] = _fuse(slot, parts, use_rslora, use_dora)
     dropouts = sorted({spec.dropout for _, spec in adapted.values()})
     if len(dropouts) > 1:
@@ -112,8 +119,9 @@ def export_peft(
     prefix = peft_format.KEY_PREFIX + hf_prefix(layout, task_type)
     tensors = {}
     for name, (a, b, _, _, magnitude) in modules.items():
-        tensors[f"{prefix}{name}.lora_A.weight"] = a
-        tensors[f"{prefix}{name}.lora_B.weight"] = b
+        key_a, key_b = peft_format.TENSOR_KEYS[layout.slots[name].hf.kind]
+        tensors[f"{prefix}{name}.{key_a}"] = a
+        tensors[f"{prefix}{name}.{key_b}"] = b
         if use_dora:
             suffix = peft_format.MAGNITUDE_SUFFIX
             tensors[f"{prefix}{name}.{suffix}"] = magnitude
@@ -147,7 +155,8 @@ def _adapted_layers(model, layout, adapter_name, where):
                 f"{where}: layer '{site.path}' holds adapter "
                 f"{adapter_name!r} but has no counterpart in Hugging Face "
                 f"{arch.name} (PEFT can adapt {[m.name for m in arch.modules]}"
-                " in each block). Fix: apply the adapter without that layer "
+                f" in each block and {[m.name for m in arch.embeddings]}). "
+                "Fix: apply the adapter without that layer "
                 "(LoraConfig(exclude_modules=[...])), or delete it there."
             )
     check_portable(
@@ -176,6 +185,27 @@ def _adapted_layers(model, layout, adapter_name, where):
     for site in holders:
         result[site.path] = (site.layer, site.layer.adapter_spec(adapter_name))
     return result
+
+
+def _check_embedding(slot, use_dora, where):
+    """Refuses what PEFT's embedding adapters cannot hold; warns that a
+    tied embedding's adapter reaches PEFT's logits only once merged."""
+    if slot.hf.kind != "embedding":
+        return
+    if use_dora:
+        raise ValueError(
+            f"{where}: DoRA on the embedding '{slot.sites[0].path}' is not "
+            "exported (its PEFT layout is not verified here). Fix: apply "
+            "DoRA without the embedding, or save with keras_lora.save_adapter."
+        )
+    if tied_logits(slot):
+        warnings.warn(
+            f"{where}: the adapter on '{slot.sites[0].path}' also changes "
+            "the tied logits, which PEFT's merged model reproduces "
+            f"(merge_and_unload); PEFT's unmerged forward applies an "
+            f"adapter on '{slot.hf.name}' to the input embeddings only.",
+            stacklevel=3,
+        )
 
 
 def _variant(adapted, adapter_name, where):
@@ -274,7 +304,9 @@ def _peft_config(layout, modules, use_rslora, dropout, task_type):
         blocks[slot.hf.name].add(slot.block)
     block_sets = {frozenset(b) for b in blocks.values()}
     layers_to_transform = layers_pattern = None
-    if len(block_sets) == 1:
+    # PEFT's compact form names modules inside blocks; a module outside
+    # them (the token embedding) needs the explicit form.
+    if len(block_sets) == 1 and None not in next(iter(block_sets)):
         # The same modules in every adapted block: PEFT's compact form.
         target_modules = sorted(blocks)
         chosen = sorted(next(iter(block_sets)))

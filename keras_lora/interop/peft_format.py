@@ -6,6 +6,11 @@ wrapped model's module paths:
 
     base_model.model.<module>.lora_A.weight    (r, in_features)
     base_model.model.<module>.lora_B.weight    (out_features, r)
+
+and for an embedding (`nn.Embedding`, same layout: A reads the vocabulary)
+
+    base_model.model.<module>.lora_embedding_A (r, num_embeddings)
+    base_model.model.<module>.lora_embedding_B (embedding_dim, r)
     base_model.model.<module>.lora_magnitude_vector    (out_features,)
 
 (the magnitude only with `use_dora=True`: DoRA, one value per output
@@ -35,8 +40,14 @@ PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\."
-    r"(?:lora_(?P<ab>[AB])\.weight|(?P<magnitude>lora_magnitude_vector))$"
+    r"(?:lora_(?P<ab>[AB])\.weight|lora_embedding_(?P<eab>[AB])"
+    r"|(?P<magnitude>lora_magnitude_vector))$"
 )
+# PEFT's tensor names per kind of module (`HfModule.kind`).
+TENSOR_KEYS = {
+    "linear": ("lora_A.weight", "lora_B.weight"),
+    "embedding": ("lora_embedding_A", "lora_embedding_B"),
+}
 MAGNITUDE_SUFFIX = "lora_magnitude_vector"
 
 # PEFT settings keras_lora cannot reproduce: (field, what it is, the fix).
@@ -184,13 +195,15 @@ def check_config(config, config_path, where):
 
 def group_by_module(tensors, use_dora, where):
     """`{module: (A, B, magnitude)}` from PEFT tensor keys (the magnitude
-    None unless `use_dora`); raises on any other key or a missing one."""
+    None unless `use_dora`); raises on any other key or a missing one.
+    `kind_of_module(tensors)` says which modules are embeddings."""
     parts = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{where}: {_unknown_key_message(key)}")
-        part = "M" if match.group("magnitude") else match.group("ab")
+        part = "M" if match.group("magnitude") else None
+        part = part or match.group("ab") or match.group("eab")
         parts.setdefault(match.group("module"), {})[part] = value
     want = {"A", "B", "M"} if use_dora else {"A", "B"}
     names = {"A": "lora_A", "B": "lora_B", "M": MAGNITUDE_SUFFIX}
@@ -211,12 +224,37 @@ def group_by_module(tensors, use_dora, where):
     return {m: (p["A"], p["B"], p.get("M")) for m, p in parts.items()}
 
 
+_BASE_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.base_layer\.weight$"
+)
+
+
+def split_base_weights(tensors):
+    """`(adapter tensors, {module: weight})`: PEFT also saves the whole
+    weight of an adapted embedding (`<module>.base_layer.weight`, with
+    `save_embedding_layers`), in case the vocabulary was resized."""
+    adapter, base = {}, {}
+    for key, value in tensors.items():
+        match = _BASE_KEY.match(key)
+        if match is None:
+            adapter[key] = value
+        else:
+            base[match.group("module")] = value
+    return adapter, base
+
+
+def kind_of_module(tensors):
+    """`{module: "linear" | "embedding"}` by the keys' tensor names."""
+    kinds = {}
+    for key in tensors:
+        match = _KEY.match(key)
+        if match is not None and not match.group("magnitude"):
+            kind = "embedding" if match.group("eab") else "linear"
+            kinds[match.group("module")] = kind
+    return kinds
+
+
 def _unknown_key_message(key):
-    if "lora_embedding_" in key:
-        return (
-            f"tensor '{key}' is LoRA on an embedding; keras_lora adapts "
-            f"Dense/EinsumDense layers only. Fix: {_DEFAULT_FIX}."
-        )
     return (
         f"tensor '{key}' is not a LoRA A/B weight "
         "('base_model.model.<module>.lora_A.weight'); keras_lora cannot "

@@ -10,8 +10,10 @@ fused module computes exactly its rows of the fused module's output.
 """
 
 import os
+import warnings
 
 import numpy as np
+from keras import ops
 
 from keras_lora.files.loading import (
     adapter_names_in,
@@ -20,7 +22,7 @@ from keras_lora.files.loading import (
 )
 from keras_lora.files.paths import base_of, lora_class_of
 from keras_lora.interop import peft_format
-from keras_lora.interop.layout import resolve
+from keras_lora.interop.layout import resolve, tied_logits
 from keras_lora.layers.dora import MAGNITUDE, output_units_shape
 from keras_lora.layers.spec import check_adapter_name
 
@@ -70,10 +72,15 @@ def import_peft(model, directory, adapter_name="default", is_trainable=True):
     directory = os.path.abspath(os.fspath(directory))
     config, tensors = peft_format.read(directory, where)
     use_dora = bool(config.get("use_dora", False))
+    tensors, base_weights = peft_format.split_base_weights(tensors)
     modules = peft_format.group_by_module(tensors, use_dora, where)
+    kinds = peft_format.kind_of_module(tensors)
+    for full_name, weight in base_weights.items():
+        _check_saved_base(_slot_for(layout, full_name, where), weight, where)
     layers, kl_tensors = {}, {}
     for full_name, (a, b, magnitude) in modules.items():
         slot = _slot_for(layout, full_name, where)
+        _check_kind(slot, full_name, kinds[full_name], use_dora, where)
         for path, spec, parts in _split(
             slot, full_name, a, b, magnitude, config, where
         ):
@@ -94,6 +101,53 @@ def import_peft(model, directory, adapter_name="default", is_trainable=True):
     return model
 
 
+def _check_kind(slot, full_name, kind, use_dora, where):
+    """The file's tensor names must fit the module (embedding or linear)."""
+    if kind != slot.hf.kind:
+        raise ValueError(
+            f"{where}: module '{full_name}' holds {kind} LoRA tensors, but "
+            f"it is a {slot.hf.kind} module in this model. The files are "
+            "inconsistent."
+        )
+    if kind != "embedding":
+        return
+    if use_dora:
+        raise ValueError(
+            f"{where}: DoRA on the embedding '{full_name}' is not imported "
+            "(its PEFT layout is not verified here). Fix: merge it in PEFT "
+            "and convert the merged model."
+        )
+    if tied_logits(slot):
+        warnings.warn(
+            f"{where}: '{full_name}' is tied to the logits; keras_lora "
+            "applies its adapter to both (as PEFT's merged model does), "
+            "while PEFT's unmerged forward applies it to the input "
+            "embeddings only.",
+            stacklevel=3,
+        )
+
+
+def _check_saved_base(slot, weight, where):
+    """A saved embedding weight must be the model's own (an adapter file
+    changes only adapters): PEFT saves it in case the vocabulary was
+    resized or trained."""
+    site = slot.sites[0]
+    cls, base = lora_class_of(site.layer), base_of(site.layer)
+    table = np.asarray(ops.convert_to_numpy(cls.kernel_of(base)))
+    if table.dtype.kind != "f":
+        return  # a quantized base: nothing comparable
+    if table.shape != weight.shape or not np.allclose(
+        table, weight, rtol=1e-4, atol=1e-5
+    ):
+        raise ValueError(
+            f"{where}: the adapter saves the whole weight of "
+            f"'{slot.module}' ({tuple(weight.shape)}), and it differs from "
+            f"this model's '{site.path}' {tuple(table.shape)}: the "
+            "vocabulary was resized or trained. Fix: merge the adapter in "
+            "PEFT (merge_and_unload) and convert the merged model."
+        )
+
+
 def _slot_for(layout, full_name, where):
     arch = layout.architecture
     prefixes = ("", arch.hf_causal_lm_prefix)
@@ -107,7 +161,8 @@ def _slot_for(layout, full_name, where):
         f"{where}: the adapter adapts HF module '{full_name}', which has no "
         f"keras-hub counterpart in this {arch.name} model (keras_lora maps "
         f"{[m.name for m in arch.modules]} of blocks 0-"
-        f"{layout.num_blocks - 1}). Fix: train the PEFT adapter without "
+        f"{layout.num_blocks - 1} and {[m.name for m in arch.embeddings]}). "
+        "Fix: train the PEFT adapter without "
         "that module in target_modules, or merge it in PEFT and convert "
         "the merged model."
     )

@@ -106,6 +106,15 @@ class LoraEmbedding(LoraLayer):
         return (input_dim, rank), (rank, output_dim)
 
     @classmethod
+    def describe(cls, base_layer):
+        # Whether the adapter also changes the logits (a tied reversible
+        # embedding): it then computes something else on an untied base.
+        tied = isinstance(base_layer, keras.layers.ReversibleEmbedding) and (
+            base_layer.tie_weights
+        )
+        return {**super().describe(base_layer), "tied_logits": bool(tied)}
+
+    @classmethod
     def probe_inputs(cls, base_layer):
         # Every id once: the probe reads the whole (effective) table.
         return np.arange(base_layer.input_dim, dtype="int32")
