@@ -1,5 +1,6 @@
 """RowSampler: per-row runtime options, counter-based noise, correctness."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -117,3 +118,31 @@ def test_set_rows_errors(row, message):
     plain = RowSampler(max_batch=2, vocabulary_size=4, filtered=False)
     with pytest.raises(ValueError, match="filtered=True"):
         plain.set_rows([(1.0, 2, None, 1)])
+
+
+def test_keras_hub_generate_reads_the_rows_at_run_time():
+    """The module's example: a CausalLM compiled with a RowSampler; new
+    seeds and temperatures change the text, never the compiled function."""
+    from benchmarks.hostile_clients import count_compilations
+    from tests.tiny_lm import VOCABULARY, gpt2_causal_lm
+
+    lm = gpt2_causal_lm()
+    sampler = RowSampler(max_batch=4, vocabulary_size=len(VOCABULARY))
+    lm.compile(sampler=sampler)
+    counts = count_compilations(lm)
+
+    def texts(rows):
+        sampler.set_rows(rows)
+        return lm.generate(["the", "a bed"], max_length=12, stop_token_ids=None)
+
+    first = texts([(1.0, None, None, 1), (1.0, None, None, 2)])
+    warm = dict(counts)
+    assert texts([(1.0, None, None, 1), (1.0, None, None, 2)]) == first
+    others = {
+        tuple(texts([(t, None, None, 10 + i), (t, 3, 0.9, 20 + i)]))
+        for i, t in enumerate((0.5, 1.5, 3.0))
+    }
+    assert len(others | {tuple(first)}) == 4
+    assert counts["builds"] == warm["builds"] == 1
+    if keras.backend.backend() != "torch":
+        assert counts["traces"] == warm["traces"]

@@ -19,9 +19,15 @@ those tokens and renormalised.
 
 Example:
 
->>> sampler = RowSampler(max_batch=4, vocabulary_size=50257)  # doctest: +SKIP
->>> sampler.set_rows([(0.7, None, 0.9, 1), (1.0, 40, None, None)])  # +SKIP
->>> causal_lm.sampler = sampler                               # doctest: +SKIP
+```python
+sampler = RowSampler(max_batch=4, vocabulary_size=50257)
+# (temperature, top_k, top_p, seed) of rows 0 and 1; others: defaults.
+sampler.set_rows([(0.7, None, 0.9, 1), (1.0, 40, None, None)])
+causal_lm.compile(sampler=sampler)  # compiles generate once, on first use
+causal_lm.generate(["Hello", "Bonjour"], max_length=32)
+sampler.set_rows([(1.2, None, None, 7), (0.3, 5, None, None)])  # no recompile
+causal_lm.generate(["Hello", "Bonjour"], max_length=32)
+```
 """
 
 import math
