@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
         --bundle) bundle="${2:?--bundle needs a folder}"; bundle_given=1
             shift 2 ;;
         --dry-run) dry_run=1; shift ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) rest+=("$1"); shift ;;
     esac
 done
