@@ -167,7 +167,21 @@ def build_project_wheel(directory, log=print):
         REPO_ROOT,
     ]
     log("$ " + " ".join(argv))
-    subprocess.run(argv, check=True, cwd=REPO_ROOT)
+    # setuptools builds in the tree: remove what it leaves that was not
+    # there before (both are git-ignored, but clutter).
+    leftovers = [
+        path
+        for path in (
+            os.path.join(REPO_ROOT, "build"),
+            os.path.join(REPO_ROOT, "keras_lora.egg-info"),
+        )
+        if not os.path.exists(path)
+    ]
+    try:
+        subprocess.run(argv, check=True, cwd=REPO_ROOT)
+    finally:
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def wheel_metadata(path):
