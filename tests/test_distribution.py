@@ -106,6 +106,41 @@ def test_training_matches_one_device(model, parallel):
         assert sharded == []
 
 
+@needs_devices
+def test_job_trains_a_local_preset_on_a_text_file(tmp_path):
+    from tests.tiny_lm import PROMPTS, gpt2_causal_lm
+
+    preset = tmp_path / "preset"
+    gpt2_causal_lm(seed=0).save_to_preset(str(preset))
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(PROMPTS * 20))
+    config = job.JobConfig(
+        model=str(preset),
+        parallel="model",
+        model_axis=2,  # the tiny LM has 2 heads
+        steps=2,
+        data=str(text),
+        save_adapter=str(tmp_path / "adapter"),
+    )
+    got = job.run(config, log=_quiet)
+    assert got["mesh"] == {"batch": 4, "model": 2}
+    assert np.all(np.isfinite(got["losses"]))
+    # The GPT-2 preset got the transformer layout: query's B is split.
+    query_b = [p for p in got["adapter_layouts"] if "query/lora_b" in p]
+    assert query_b and all(
+        got["adapter_layouts"][p] == [None, "model", None] for p in query_b
+    )
+    _, tensors = kl.read_adapter(got["adapter_dir"])
+    assert len(tensors) == 8  # A and B of query and value in 2 blocks
+
+
+def test_saving_from_a_model_axis_across_processes_is_refused(monkeypatch):
+    monkeypatch.setattr(cluster, "local_device_count", lambda: 2)
+    config = job.JobConfig(parallel="model", model_axis=4, save_adapter="x")
+    with pytest.raises(ValueError, match="spans processes"):
+        job.run(config, log=_quiet)
+
+
 # -- files, merging and serving on sharded models -----------------------------
 
 

@@ -169,6 +169,22 @@ def test_conv_adapters_follow_the_kernel(mesh, out_axis):
 
 
 @needs_devices
+def test_dora_magnitude_follows_the_output_axes(mesh):
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*proj/kernel"] = (None, M, None)  # (16, 4, 8): heads split
+    layer = keras.layers.EinsumDense("abc,cde->abde", (None, 4, 8), name="proj")
+    with model_parallel(layout_map).scope():
+        model = one_layer_model(layer, (5, 16))
+        config = kl.LoraConfig(rank=4, target_modules=["proj"], use_dora=True)
+        kl.apply_lora(model, config)
+    assert adapter_axes(model) == {
+        ("proj", "lora_a"): (None, None),
+        ("proj", "lora_b"): (None, M, None),
+        ("proj", "lora_magnitude"): (M, None),
+    }
+
+
+@needs_devices
 def test_data_parallel_replicates_adapters():
     with keras.distribution.DataParallel().scope():
         model = one_layer_model(keras.layers.Dense(16, name="fc"), (8,))

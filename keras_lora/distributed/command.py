@@ -135,9 +135,9 @@ def run_command(args):
 def job_config(args):
     from keras_lora.distributed.job import JobConfig
 
-    targets = None
-    if args.target_modules:
-        targets = tuple(t.strip() for t in args.target_modules.split(","))
+    targets = tuple(
+        t.strip() for t in args.target_modules.split(",") if t.strip()
+    )
     return JobConfig(
         model=args.model,
         parallel=args.parallel,

@@ -71,8 +71,8 @@ class JobConfig:
         steps: training steps (global batches).
         batch_size: rows per global batch (split across processes).
         sequence_length: tokens per row.
-        rank, alpha, target_modules: the LoRA config (`target_modules`
-            None: `kl.LoraConfig`'s default, query and value).
+        rank, alpha, target_modules: the LoRA config (layer names; by
+            default the query and value projections).
         learning_rate: Adam's learning rate.
         seed: weights of tiny models, adapter initialisation, random data.
         data: a text file to train on (needs a preset's tokenizer).
@@ -87,7 +87,7 @@ class JobConfig:
     sequence_length: int = 16
     rank: int = 4
     alpha: float = 8.0
-    target_modules: tuple | None = None
+    target_modules: tuple = ("query", "value")
     learning_rate: float = 1e-2
     seed: int = 0
     data: str | None = None
@@ -102,6 +102,7 @@ def run(config, log=print):
     `process_count`, `device_count`, `mesh` and `adapter_layouts` (the
     mesh axes of every adapter variable), `adapter_dir` if saved.
     """
+    check_saving(config)
     # The same seed in every process and run: adapters start equal.
     keras.utils.set_random_seed(config.seed)
     distribution = cluster.make_distribution(
@@ -114,18 +115,25 @@ def run(config, log=print):
         lora = kl.LoraConfig(
             rank=config.rank,
             alpha=config.alpha,
-            target_modules=(
-                list(config.target_modules) if config.target_modules else None
-            ),
+            target_modules=list(config.target_modules),
         )
         kl.apply_lora(backbone, lora)
+        tokens = token_batches(config, causal_lm)
+        # The batches are token ids already: no preprocessing in training.
+        causal_lm.preprocessor = None
         causal_lm.compile(
             optimizer=keras.optimizers.Adam(config.learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=[],
         )
-        tokens = token_batches(config, causal_lm)
         rows = cluster.process_rows(distribution, config.batch_size)
+        log(
+            f"{config.model}: LoRA r={config.rank} on "
+            f"{','.join(config.target_modules)}; "
+            f"{_process_count(distribution)} process(es), "
+            f"{len(keras.distribution.list_devices())} devices, mesh "
+            f"{_mesh_of(distribution) or 'none (one device)'}"
+        )
         losses = []
         for step in range(config.steps):
             x, y = _inputs(tokens[step][rows])
@@ -151,6 +159,24 @@ def run(config, log=print):
             )
             log(f"adapter saved to {results['adapter_dir']}")
     return results
+
+
+def check_saving(config):
+    """Raises before training if process 0 could not read the adapter.
+
+    Process 0 writes the adapter file from what its own devices hold,
+    which is all of it as long as the model axis stays within a process.
+    """
+    if not config.save_adapter or config.parallel != "model":
+        return
+    local = cluster.local_device_count()
+    if (config.model_axis or local) > local:
+        raise ValueError(
+            f"train-distributed: --save-adapter needs every process to hold "
+            f"whole adapters, but the model axis ({config.model_axis}) "
+            f"spans processes ({local} devices each). Use --model-axis "
+            f"{local} or less, or leave out --save-adapter."
+        )
 
 
 def build_causal_lm(config):
