@@ -368,3 +368,9 @@ def test_command_line_round_trips_the_job_config():
     assert again == config
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "0"])
+
+
+def test_one_device_jobs_refuse_several_processes(capsys):
+    status = command.main(["--parallel", "none", "--local-processes", "2"])
+    assert status == 2
+    assert "--parallel none trains on one device" in capsys.readouterr().err

@@ -118,6 +118,14 @@ def add_arguments(parser):
 
 
 def run_command(args):
+    processes = max(args.local_processes or 1, args.num_processes or 1)
+    if args.parallel == "none" and (processes > 1 or args.multi_host):
+        print(
+            f"keras-lora {NAME}: --parallel none trains on one device; "
+            "with several processes use --parallel data or model.",
+            file=sys.stderr,
+        )
+        return 2
     if args.local_processes:
         return launch_local(args)
     process = _initialize(args)
