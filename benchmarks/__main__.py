@@ -98,6 +98,14 @@ WORKLOADS = {
         in_all=False,
         backends=("jax",),
     ),
+    "variants": Workload(
+        "benchmarks.variants",
+        "LoRA vs LoRA+ vs DoRA on the digits example: validation loss after "
+        "the same steps, step time and memory relative to LoRA (only when "
+        "named).",
+        "variants",
+        in_all=False,
+    ),
 }
 ALL = [name for name, workload in WORKLOADS.items() if workload.in_all]
 OPTION_FLAGS = {"with_w2": "--with-w2"}

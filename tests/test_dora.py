@@ -530,7 +530,8 @@ def test_quantized_base_refused_without_changes():
     model.quantize("int8")
     before = {w.path: to_numpy(w).copy() for w in model.weights}
     config = kl.LoraConfig(rank=2, target_modules=["fc1"], use_dora=True)
-    with pytest.raises(ValueError, match="'fc1' .*, but the layer is int8-quantized"):
+    message = "'fc1' .*, but the layer is int8-quantized"
+    with pytest.raises(ValueError, match=message):
         kl.apply_lora(model, config)
     assert kl.lora_layers(model) == []
     after = {w.path: to_numpy(w) for w in model.weights}

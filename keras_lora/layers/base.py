@@ -307,6 +307,15 @@ class LoraLayer(keras.layers.Layer):
         raise NotImplementedError
 
     @classmethod
+    def kernel_probe(cls, base_layer):
+        """`(inputs, to_kernel)`: numpy one-hot inputs on which a call of
+        `base_layer` without its bias gives the kernel it computes with,
+        and the function turning those outputs into the kernel (LoftQ
+        reads quantized kernels back through Keras's own quantized call
+        this way). None if the layer type cannot."""
+        return None
+
+    @classmethod
     def kernel_output_axes(cls, base_layer):
         """The kernel axes that are output units (DoRA's magnitude has
         one entry per unit). The default: the kernel's last axis."""

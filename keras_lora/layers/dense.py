@@ -1,6 +1,7 @@
 """`LoraDense`: a `keras.layers.Dense` with low-rank adapters."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lora.layers.base import LoraLayer, matmul_trailing, split_kwargs
@@ -77,6 +78,11 @@ class LoraDense(LoraLayer):
     def adapter_shapes_for(cls, base_layer, rank):
         input_dim, units = cls.kernel_shape_of(base_layer)
         return (input_dim, rank), (rank, units)
+
+    @classmethod
+    def kernel_probe(cls, base_layer):
+        input_dim, _ = cls.kernel_shape_of(base_layer)
+        return np.eye(input_dim, dtype="float32"), lambda y: y
 
     def project_down(self, x, a):
         return matmul_trailing(x, a)  # (..., r)

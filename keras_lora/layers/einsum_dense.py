@@ -97,6 +97,45 @@ class LoraEinsumDense(LoraLayer):
     def equation(self):
         return self.base_layer.equation
 
+    @classmethod
+    def kernel_probe(cls, base_layer):
+        f = factor_equation(base_layer.equation, base_layer.name)
+        inputs, rest = f.equation.split(",")
+        kernel, output = rest.split("->")
+        dims = dict(zip(kernel, cls.kernel_shape_of(base_layer), strict=True))
+        rows = int(np.prod([dims[c] for c in f.contracted]))
+        # One probe row per contracted position: its first axis (the
+        # ellipsis, or a kept letter) carries the rows, other kept axes 1.
+        letters = inputs.replace("...", "")
+        if not inputs.startswith("...") and letters[0] in f.contracted:
+            return None
+        if not inputs.startswith("..."):
+            letters = letters[1:]
+        eye = np.eye(rows, dtype="float32").reshape(
+            (rows,) + tuple(dims[c] for c in f.contracted)
+        )
+        order = [c for c in letters if c in f.contracted]
+        eye = np.transpose(
+            eye, [0] + [1 + f.contracted.index(c) for c in order]
+        )
+        shape = [rows] + [dims[c] if c in f.contracted else 1 for c in letters]
+        out = output.replace("...", "")
+        if not output.startswith("..."):
+            out = out[1:]
+
+        def to_kernel(y):
+            # Keep the rows and the output units (kernel order), drop the
+            # kept axes of size 1.
+            index = tuple(slice(None) if c in f.outputs else 0 for c in out)
+            y = y[(slice(None),) + index]
+            units = [c for c in out if c in f.outputs]
+            y = np.transpose(y, [0] + [1 + units.index(c) for c in f.outputs])
+            y = y.reshape(tuple(dims[c] for c in f.contracted + f.outputs))
+            axes = [(f.contracted + f.outputs).index(c) for c in kernel]
+            return np.transpose(y, axes)
+
+        return eye.reshape(shape), to_kernel
+
     def project_down(self, x, a):
         f = self.factorization
         if f.flat:

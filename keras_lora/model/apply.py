@@ -14,7 +14,8 @@ from keras_lora.layers import (
     refusal_for,
     supported_layer_types,
 )
-from keras_lora.layers.spec import check_adapter_name
+from keras_lora.layers.loftq import check_loftq_target, plan_loftq
+from keras_lora.layers.spec import AdapterSpec, check_adapter_name
 from keras_lora.model import surgery
 from keras_lora.model.config import (
     DEFAULT_LAYERS_PATTERNS,
@@ -71,13 +72,15 @@ def apply_lora(model, config=None, adapter_name="default"):
     targets = find_targets(model, config, sites)
     for site in targets:
         _check_target(site, config, adapter_name)
+    # LoftQ's quantized bases and adapters, computed before any change.
+    loftq = _plan_loftq(targets, config) if config.init == "loftq" else {}
     with transaction(model) as txn:
         if config.init == "pissa":
             txn.protect(
                 _lora_class(s.layer).kernel_of(_base(s.layer)) for s in targets
             )
         for site in targets:
-            _adapt(txn, site, config, adapter_name)
+            _adapt(txn, site, config, adapter_name, loftq.get(site.path))
         freeze_non_lora(model, config)
         record_config(model, adapter_name, config)
         surgery.reset_compiled_functions(model)
@@ -97,12 +100,18 @@ def _check_target(site, config, adapter_name):
     base = _base(layer)
     if not isinstance(layer, LoraLayer):
         cls.check_wrappable(base, require_built=False)
+    if config.init == "loftq" and isinstance(layer, LoraLayer):
+        raise ValueError(
+            f"apply_lora: init='loftq' quantizes the float layers it "
+            f"adapts, but layer '{site.path}' already holds adapters "
+            f"{layer.adapters}. Apply LoftQ first, or to other layers."
+        )
     if not base.built:
-        if config.init == "pissa":
+        if config.init in ("pissa", "loftq"):
             raise ValueError(
                 f"apply_lora: layer '{site.path}' is not built, so "
-                "init='pissa' has no kernel to decompose. Build the model "
-                "first (call it on data)."
+                f"init={config.init!r} has no kernel to decompose. Build "
+                "the model first (call it on data)."
             )
         return
     rank = config.rank_for(site.path)
@@ -117,6 +126,8 @@ def _check_target(site, config, adapter_name):
                 "(rank_pattern) or exclude the layer."
             )
         cls.check_mergeable_kernel(base, site.path)
+    elif config.init == "loftq":
+        check_loftq_target(cls, base, rank, "apply_lora")
     elif rank > min(rows, cols):
         warnings.warn(
             f"apply_lora: rank {rank} at layer '{site.path}' exceeds the "
@@ -260,7 +271,26 @@ def _as_list(patterns):
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
-def _adapt(txn, site, config, adapter_name):
+def _plan_loftq(targets, config):
+    """`{path: LoftqPlan}` for the targets (float layers, checked)."""
+    plans = {}
+    for site in targets:
+        spec = AdapterSpec(
+            rank=config.rank_for(site.path),
+            alpha=config.alpha_for(site.path),
+            use_rslora=config.use_rslora,
+        )
+        plans[site.path] = plan_loftq(
+            lora_class_for(site.layer),
+            site.layer,
+            spec,
+            config.loftq_mode,
+            config.loftq_iterations,
+        )
+    return plans
+
+
+def _adapt(txn, site, config, adapter_name, loftq=None):
     rank = config.rank_for(site.path)
     alpha = config.alpha_for(site.path)
     kwargs = dict(
@@ -274,7 +304,8 @@ def _adapt(txn, site, config, adapter_name):
         kwargs["a_initializer"] = keras.initializers.RandomNormal(
             stddev=1.0 / rank
         )
-    layer = site.layer
+    # LoftQ: the layer's quantized copy replaces it.
+    layer = site.layer if loftq is None else loftq.base
     if isinstance(layer, LoraLayer):
         layer.add_adapter(adapter_name, **kwargs)
         lora = layer
@@ -288,6 +319,10 @@ def _adapt(txn, site, config, adapter_name):
         txn.replace(site, lora)
     if config.init == "pissa":
         lora.pissa_init(adapter_name)
+    if loftq is not None:
+        a_var, b_var = lora.lora_weights(adapter_name)
+        a_var.assign(loftq.a)
+        b_var.assign(loftq.b)
 
 
 def freeze_non_lora(model, config):

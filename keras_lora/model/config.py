@@ -19,7 +19,9 @@ BIAS_MODES = ("none", "all", "lora_only")
 # `target_modules` presets: "all-<category>" selects every layer of that
 # LoRA category ("linear", "embedding", "conv", ...).
 PRESET_PREFIX = "all-"
-INIT_MODES = ("default", "gaussian", "pissa")
+INIT_MODES = ("default", "gaussian", "pissa", "loftq")
+LOFTQ_MODES = ("int4", "int8")
+MAX_LOFTQ_ITERATIONS = 100
 # Block-container names tried by `layers_to_transform` when no
 # `layers_pattern` is given (keras-hub names its blocks
 # `transformer_layer_<i>`).
@@ -73,7 +75,16 @@ class LoraConfig:
             top of A and B (`keras_lora.layers.dora`).
         init: `"default"` (Kaiming-uniform A, zero B), `"gaussian"`
             (A ~ N(0, 1/r), zero B) or `"pissa"` (A, B from the top-r SVD
-            of the kernel; the residual stays in the base, outputs unchanged).
+            of the kernel; the residual stays in the base, outputs unchanged)
+            or `"loftq"` (LoftQ, for quantized bases: the float targets
+            are quantized with `loftq_mode` by Keras, and A, B chosen so
+            that the quantized kernel plus `s A B` is close to the float
+            one, by `loftq_iterations` alternating quantize/SVD steps;
+            see `keras_lora.layers.loftq`).
+        loftq_mode: `"int4"` or `"int8"`: how `init="loftq"` quantizes.
+        loftq_iterations: LoftQ's alternating steps (5, as in the LoftQ
+            paper; with 1, PEFT's default, the base is the plainly
+            quantized kernel and the adapter the top of its error).
     """
 
     rank: int = 8
@@ -90,6 +101,8 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "default"
+    loftq_mode: str = "int4"
+    loftq_iterations: int = 5
 
     def __post_init__(self):
         if self.alpha is None and is_int(self.rank):
@@ -181,11 +194,25 @@ class LoraConfig:
             )
         check_flag(self.use_rslora, "LoraConfig.use_rslora")
         check_flag(self.use_dora, "LoraConfig.use_dora")
-        if self.use_dora and self.init == "pissa":
+        if self.use_dora and self.init in ("pissa", "loftq"):
             raise ValueError(
-                "LoraConfig: init='pissa' initialises plain LoRA adapters "
-                "only; use it with use_dora=False, or init='default' for "
-                "DoRA."
+                f"LoraConfig: init={self.init!r} initialises plain LoRA "
+                "adapters only; use it with use_dora=False, or "
+                "init='default' for DoRA."
+            )
+        if self.loftq_mode not in LOFTQ_MODES:
+            raise ValueError(
+                f"LoraConfig.loftq_mode must be one of {LOFTQ_MODES}, got "
+                f"{self.loftq_mode!r}."
+            )
+        iterations = self.loftq_iterations
+        if not is_int(iterations) or not 1 <= iterations <= (
+            MAX_LOFTQ_ITERATIONS
+        ):
+            raise ValueError(
+                "LoraConfig.loftq_iterations must be an integer in [1, "
+                f"{MAX_LOFTQ_ITERATIONS}], got {iterations!r}. Pass e.g. 1 "
+                "(PEFT's default) or 5."
             )
 
     @property

@@ -8,7 +8,7 @@ adapter; model operations keep it in step with the layers.
 
 _ATTRIBUTE = "_keras_lora_configs"
 # Initialisations that change the base kernel (see `check_portable`).
-BASE_CHANGING_INITS = {"pissa": "PiSSA"}
+BASE_CHANGING_INITS = {"pissa": "PiSSA", "loftq": "LoftQ"}
 
 
 def _store(model):
