@@ -519,10 +519,41 @@ def test_keras_file_round_trip(tmp_path, merged):
         )
 
 
-def test_weighted_combination_refused_with_reason():
+@pytest.mark.parametrize("combination", ["cat", "svd"])
+def test_weighted_combinations_are_exact(combination):
+    """A weighted mix of a DoRA and a LoRA adapter changes each kernel by
+    `sum_i w_i delta_i` ("svd" at full rank is exact too)."""
     model = _adapted()
-    with pytest.raises(ValueError, match="'dora' adapter, which cannot"):
-        kl.add_weighted_adapter(model, ["default"], [1.0], "mix")
+    config = kl.LoraConfig(rank=3, target_modules=["fc1", "fc2"])
+    kl.add_adapter(model, "plain", config)
+    rng = np.random.default_rng(4)
+    for layer in kl.lora_layers(model):
+        for variable in layer.lora_weights("plain"):
+            variable.assign(rng.normal(0, 0.3, variable.shape))
+    names, weights = ["default", "plain"], [0.7, -0.4]
+    kl.add_weighted_adapter(
+        model,
+        names,
+        weights,
+        "mix",
+        combination=combination,
+        rank=5 if combination == "svd" else None,
+    )
+    for layer in kl.lora_layers(model):
+        expected = sum(
+            w * to_numpy(layer.delta_weight(n))
+            for w, n in zip(weights, names, strict=True)
+        )
+        assert np.abs(expected).max() > 0.1
+        np.testing.assert_allclose(
+            to_numpy(layer.delta_weight("mix")), expected, atol=1e-5
+        )
+        assert layer.adapter_spec("mix").variant == "dora"
+    assert kl.applied_configs(model)["mix"].use_dora is True
+    with pytest.raises(ValueError, match="combination='linear'"):
+        kl.add_weighted_adapter(
+            model, ["default"], [1.0], "mix2", combination="linear"
+        )
 
 
 def test_quantized_base_refused_without_changes():
@@ -559,6 +590,10 @@ DORA_OPERATIONS = {
         kl.unmerge_adapters,
     ),
     "merge_and_unload": (_adapted, kl.merge_and_unload),
+    "add_weighted_adapter": (
+        _adapted,
+        lambda m: kl.add_weighted_adapter(m, ["default"], [0.5], "mix"),
+    ),
 }
 
 

@@ -106,10 +106,10 @@ class DoraVariant(LoraVariant):
     """DoRA adapters: `lora_a`, `lora_b` and `lora_magnitude` tensors."""
 
     name = "dora"
-    # add_weighted_adapter's combinations are sums of low-rank products;
-    # a DoRA adapter also rescales the base kernel per output unit, so a
-    # weighted sum of DoRA adapters is not another adapter's A and B.
-    combinable = False
+    # add_weighted_adapter combines DoRA adapters through their factors
+    # (`routed_factor`, `set_factor`): "cat" exactly, "svd" truncated;
+    # "linear" is refused (`rescales_outputs`).
+    combinable = True
     rescales_outputs = True
 
     def tensor_shapes(self, lora_class, base_layer, spec):
@@ -245,6 +245,12 @@ class DoraVariant(LoraVariant):
         )
         norms = ops.convert_to_numpy(unit_norms(layer, kernel))
         return np.asarray(values[MAGNITUDE], "float32") / norms
+
+    def set_factor(self, layer, adapter, factor):
+        """Sets the magnitude so that the adapter's factor `m / ||W + s A
+        B||` equals `factor` (per output unit; add_weighted_adapter)."""
+        factor = ops.convert_to_tensor(np.asarray(factor, "float32"))
+        adapter.variables[MAGNITUDE].assign(factor * self.norms(layer, adapter))
 
     # -- helpers --------------------------------------------------------------
 

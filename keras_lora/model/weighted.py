@@ -11,6 +11,17 @@ PEFT's `add_weighted_adapter` semantics on keras_lora's `A @ B` convention
   linear mix; it is exact for one adapter, an approximation in general
   (it adds the cross terms `A_i @ B_j`).
 - `"svd"`: the best rank-`r` approximation of the exact weighted delta.
+
+DoRA adapters (`keras_lora.layers.dora`) rescale the kernel per output
+unit: adapter `i` computes with `f_i * (W + s_i A_i B_i)`, `f_i = m_i /
+||W + s_i A_i B_i||` (`f_i = 1` for plain LoRA). The weighted sum of their
+changes, `W + sum_i w_i (f_i (W + s_i A_i B_i) - W)`, is
+`g * (W + sum_i (w_i s_i f_i / g) A_i B_i)` with `g = 1 + sum_i w_i (f_i
+- 1)`: a DoRA adapter whose B rows are scaled by `f_i / g` per output unit
+and whose magnitude makes its factor `g`. So `"cat"` is exact for any mix
+of LoRA and DoRA adapters (the result is a DoRA adapter), `"svd"` truncates
+that low-rank part, and `"linear"` (whose cross terms have no such form) is
+refused for DoRA adapters.
 """
 
 import dataclasses
@@ -42,6 +53,7 @@ class _Plan:
     dropout: float
     a: np.ndarray = None
     b: np.ndarray = None
+    factor: np.ndarray = None  # DoRA's `g` per output unit, or None
 
 
 def add_weighted_adapter(
@@ -111,10 +123,14 @@ def add_weighted_adapter(
                 rank=plan.rank,
                 alpha=plan.rank,
                 dropout=plan.dropout,
+                use_dora=plan.factor is not None,
             )
             a_var, b_var = layer.lora_weights(adapter_name)
             a_var.assign(plan.a.astype("float32").reshape(a_var.shape))
             b_var.assign(plan.b.astype("float32").reshape(b_var.shape))
+            if plan.factor is not None:
+                adapter = layer.adapter(adapter_name)
+                adapter.variant.set_factor(layer, adapter, plan.factor)
         _record_config(model, adapters, adapter_name, plans)
         surgery.reset_compiled_functions(model)
     return model
@@ -258,6 +274,15 @@ def _plan_layers(model, adapters, adapter_name, combination, rank):
                     "linearly (its effect is not a sum of low-rank "
                     "products). Combine plain LoRA adapters only."
                 )
+            if variant.rescales_outputs and combination == "linear":
+                raise ValueError(
+                    f"{_WHAT}: adapter {name!r} at layer '{site.path}' is a "
+                    f"{variant.name!r} adapter, which also rescales the "
+                    "kernel per output unit; combination='linear' mixes "
+                    "A and B across adapters (cross terms A_i @ B_j) and "
+                    "has no such rescaled form. Use combination='cat' "
+                    "(exact) or 'svd'."
+                )
         ranks = {n: layer.adapter_spec(n).rank for n in adapters}
         if combination == "cat":
             new_rank = sum(ranks[n] for n in adapters)
@@ -310,6 +335,10 @@ def _numpy(x):
 
 
 def _compute_factors(plan, adapters, weights, combination):
+    factors = _rescalings(plan, adapters, weights)
+    if factors is not None:
+        _compute_rescaled(plan, adapters, weights, combination, factors)
+        return
     layer = plan.layer
     if combination == "svd":
         delta = None
@@ -342,6 +371,57 @@ def _compute_factors(plan, adapters, weights, combination):
         plan.b = np.sum(b_terms, axis=0)
 
 
+def _rescalings(plan, adapters, weights):
+    """`[f_i / g]` per adapter (per-output-unit numpy arrays), with `g` in
+    `plan.factor`, when any adapter rescales the kernel (DoRA); else None."""
+    layer = plan.layer
+    factors = []
+    for name in adapters:
+        adapter = layer.adapter(name)
+        values = {
+            t: ops.convert_to_numpy(v) for t, v in adapter.variables.items()
+        }
+        factor = adapter.variant.routed_factor(
+            layer, values, adapter.spec.scale
+        )
+        factors.append(None if factor is None else _numpy(factor))
+    if all(f is None for f in factors):
+        return None
+    units = next(f for f in factors if f is not None)
+    factors = [np.ones_like(units) if f is None else f for f in factors]
+    g = 1.0 + sum(w * (f - 1.0) for w, f in zip(weights, factors, strict=True))
+    if np.abs(g).min() <= 1e-6 * max(np.abs(g).max(), 1.0):
+        raise ValueError(
+            f"{_WHAT}: at layer '{plan.path}' the weights {weights} cancel "
+            "the base kernel of some output units (1 + sum_i w_i (f_i - 1) "
+            "is 0 there, f_i the DoRA factors), which no adapter can "
+            "express. Use other weights."
+        )
+    plan.factor = g.astype("float32")
+    return [f / g for f in factors]
+
+
+def _compute_rescaled(plan, adapters, weights, combination, factors):
+    """`"cat"`/`"svd"` of adapters that rescale the kernel (see the module
+    docstring): B's output units scaled by `f_i / g`."""
+    layer = plan.layer
+    a_terms, b_terms = [], []
+    for name, weight, factor in zip(adapters, weights, factors, strict=True):
+        a_var, b_var = layer.lora_weights(name)
+        a, b = _numpy(a_var), _numpy(b_var)
+        scale = layer.adapter_spec(name).scale
+        a_terms.append((weight * scale * a).reshape(-1, a.shape[-1]))
+        b_terms.append((b * factor).reshape(b.shape[0], -1))
+    a = np.concatenate(a_terms, axis=-1)  # (contracted, sum of ranks)
+    b = np.concatenate(b_terms, axis=0)  # (sum of ranks, outputs)
+    if combination == "cat":
+        plan.a, plan.b = a, b
+        return
+    u, s, vt = np.linalg.svd(a @ b, full_matrices=False)
+    plan.a = u[:, : plan.rank] * s[: plan.rank]
+    plan.b = vt[: plan.rank]
+
+
 # -- bookkeeping ---------------------------------------------------------------
 
 
@@ -369,6 +449,7 @@ def _record_config(model, adapters, adapter_name, plans):
             layers_to_transform=None,
             layers_pattern=None,
             use_rslora=False,
+            use_dora=any(p.factor is not None for p in plans),
             init="default",
         )
     except ValueError:  # pragma: no cover - unusual layer names
