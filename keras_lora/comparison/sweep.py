@@ -153,6 +153,11 @@ def _sweep(
                 }
             )
             records.append(_record(mode, run_config, result))
+            status(
+                f"    validation loss {records[-1]['val_loss']:.3f} (base "
+                f"{base['validation_before']['loss']:.3f})",
+                progress,
+            )
             keras.backend.clear_session()
     sweep = {
         "name": name,
