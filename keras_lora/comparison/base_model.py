@@ -6,8 +6,8 @@ directory the fine-tunes start from:
 - with `config.preset` set, that preset (a keras-hub name such as
   `"gpt2_base_en"`, which keras-hub downloads, or a local directory);
 - otherwise the small offline model. A byte-level BPE is trained on the
-  pre-training text (`pydoc_data.topics` and code from the standard
-  library's packages, see `data.pretraining_documents`), a `GPT2Backbone`
+  pre-training text (`pydoc_data.topics`, see
+  `data.pretraining_documents`), a `GPT2Backbone`
   of `config`'s size is pre-trained on the same text, and the
   `GPT2CausalLM` (tokenizer included) is saved with `save_to_preset` under
   `cache_dir/base-<config hash>`. Later runs with the same settings load it
@@ -149,8 +149,7 @@ def pretrain_base(config, directory, progress=True):
     characters = sum(len(d) for d in documents)
     status(
         f"base model: training a {config.vocabulary_size}-token byte-level "
-        f"BPE on pydoc_data.topics and standard-library package code "
-        f"({characters:,} characters)",
+        f"BPE on {_corpus_name(config)} ({characters:,} characters)",
         progress,
     )
     with tempfile.TemporaryDirectory() as scratch:
@@ -214,7 +213,7 @@ def pretrain_base(config, directory, progress=True):
         causal_lm.save_to_preset(directory)
     return {
         "source": "pretrained",
-        "corpus": "pydoc_data.topics + standard-library package code",
+        "corpus": _corpus_name(config),
         "corpus_characters": characters,
         "tokens": int(len(token_ids)),
         "steps": config.pretrain_steps,
@@ -228,6 +227,12 @@ def pretrain_base(config, directory, progress=True):
         "pretrain_seconds": train_seconds,
         "backend": keras.backend.backend(),
     }
+
+
+def _corpus_name(config):
+    if config.pretrain_code_bytes:
+        return "pydoc_data.topics + standard-library package code"
+    return "pydoc_data.topics"
 
 
 def _shuffled(windows, seed=0):

@@ -3,8 +3,8 @@
 Three starting points:
 
 - `ComparisonConfig()`: the offline default. A small GPT-2 pre-trained on
-  `pydoc_data.topics` until it models that text (cached), then fine-tuned
-  on the standard library's source. Sized so the whole first run
+  `pydoc_data.topics` (cached), then fine-tuned on the standard library's
+  source code. Sized so the whole first run
   (tokenizer, pre-training, both fine-tunes) takes about five minutes on a
   2-core CPU; the learning rates come from `keras-lora compare --lr-sweep`
   (see `LEARNING_RATE_GRID`).
@@ -94,8 +94,9 @@ class ComparisonConfig:
         pretrain_bytes: bytes of `pydoc_data.topics` to pre-train on
             (`None`: all of it, about 465 KB).
         pretrain_code_bytes: bytes of code from the standard library's
-            packages added to the pre-training text (never the top-level
-            modules the fine-tunes train and validate on).
+            packages to add to the pre-training text (default 0: prose
+            only; never the top-level modules the fine-tunes train and
+            validate on).
         pretrain_steps, pretrain_batch_size, pretrain_learning_rate:
             pre-training of the small base model (the same AdamW and
             schedule shape as the fine-tunes).
@@ -133,10 +134,10 @@ class ComparisonConfig:
     dropout: float = 0.0
     sequence_length: int = 128
     pretrain_bytes: int = None
-    pretrain_code_bytes: int = 500_000
+    pretrain_code_bytes: int = 0
     pretrain_steps: int = 400
     pretrain_batch_size: int = 16
-    pretrain_learning_rate: float = 1e-2
+    pretrain_learning_rate: float = 5e-3
     data: str = None
     data_bytes: int = 1_000_000
     validation_fraction: float = 0.1
@@ -249,7 +250,6 @@ class ComparisonConfig:
             intermediate_dim=32,
             sequence_length=16,
             pretrain_bytes=12_000,
-            pretrain_code_bytes=8_000,
             pretrain_steps=8,
             pretrain_batch_size=8,
             data_bytes=30_000,

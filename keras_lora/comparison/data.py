@@ -4,11 +4,11 @@ Every source returns a list of documents (strings):
 
 - `pretraining_documents()`: what the small base model learns from: the
   English documentation that ships with every Python, `pydoc_data.topics`
-  (about 465 KB), plus code from the standard library's *packages*
-  (`asyncio/`, `email/`, `json/`, ...; `stdlib_package_documents`).
+  (about 465 KB), optionally plus code from the standard library's
+  *packages* (`asyncio/`, `email/`, ...; `stdlib_package_documents`).
 - `stdlib_documents()`: the standard library's own top-level `.py`
-  modules (`argparse.py`, `ast.py`, ...), the default fine-tuning corpus.
-  No file is in both: the base model has seen Python, but not this code.
+  modules (`argparse.py`, `ast.py`, ...), the default fine-tuning corpus:
+  code, where the base model read mostly prose. No file is in both.
 - `user_documents(path)`: a text file or a directory of text files.
 - `windows(...)`, `split_windows(...)`: token streams cut into training
   examples of `sequence_length + 1` tokens (inputs and shifted labels).
