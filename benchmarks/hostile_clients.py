@@ -178,6 +178,7 @@ def run(settings, log=print, in_child=True, model=None):
     """Runs the rounds; returns the result dict (see `summarize`)."""
     import keras
 
+    from benchmarks import common
     from benchmarks.server_throughput import MODEL, start_server
     from keras_lora.serving import demo
     from keras_lora.serving.engine import Engine
@@ -185,6 +186,7 @@ def run(settings, log=print, in_child=True, model=None):
 
     backend = keras.backend.backend()
     model = MODEL if model is None else model
+    load_start = common.load_average()
     rounds = []
     with tempfile.TemporaryDirectory() as root:
         log(f"[{backend}] building the demo model and adapters")
@@ -225,7 +227,14 @@ def run(settings, log=print, in_child=True, model=None):
         "after_warm_up": warm,
         "during_rounds": {k: counts[k] - warm[k] for k in counts},
     }
-    return summarize(settings, backend, rounds, compiles)
+    result = summarize(settings, backend, rounds, compiles)
+    result["model"] = "demo GPT-2, random weights, byte tokenizer, " + (
+        ", ".join(f"{k} {v}" for k, v in model.items()) or "tiny"
+    )
+    result["machine"] = common.machine_info(backend)
+    # Other processes share this machine's cores: the load tells how much.
+    result["load_average"] = {"start": load_start, "end": common.load_average()}
+    return result
 
 
 def summarize(settings, backend, rounds, compiles):
@@ -293,6 +302,12 @@ def summarize(settings, backend, rounds, compiles):
         },
         "compilations": compiles,
         "round_seconds": [round(r["seconds"], 2) for r in rounds],
+        "good_p99_ms_by_round": [
+            _percentile(
+                [t for k, o, t in r["records"] if k == "good" and o == 200], 99
+            )
+            for r in rounds
+        ],
         "verdict": verdict,
     }
 
