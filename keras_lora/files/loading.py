@@ -157,6 +157,38 @@ def check_tensors(meta, tensors, weights_path, config_path):
                 f"{int((~np.isfinite(value)).sum())} NaN or infinite values; "
                 "the adapter diverged in training or the file is corrupt."
             )
+    for path, spec in meta["layers"].items():
+        _check_update_range(path, spec, tensors, config_path)
+
+
+# float32's largest value: an adapter update past it is inf for any input.
+_FLOAT32_MAX = float(np.finfo("float32").max)
+
+
+def _check_update_range(path, spec, tensors, config_path):
+    """Refuses finite values whose update still overflows float32.
+
+    `scale * max|A| * max|B|` (times the other tensors' maxima, e.g. DoRA's
+    magnitude) is one term of the update for an input of ones; past
+    float32's range every output of the layer would be inf or NaN.
+    """
+    scale = AdapterSpec(
+        rank=spec["rank"],
+        alpha=spec["alpha"],
+        use_rslora=bool(spec.get("use_rslora", False)),
+    ).scale
+    bound = scale
+    for tensor in spec["tensors"]:
+        value = tensors[f"{path}.{tensor}"]
+        if value.size:
+            bound *= float(np.max(np.abs(value.astype("float64"))))
+    if not bound <= _FLOAT32_MAX:
+        raise ValueError(
+            f"load_adapter: '{config_path}': layer '{path}': alpha "
+            f"{spec['alpha']!r} with these tensors scales the update past "
+            f"float32's range ({bound:.3g}); every output would be inf or "
+            "NaN. The file is corrupt or hostile."
+        )
 
 
 @dataclasses.dataclass

@@ -35,7 +35,6 @@ from keras_lora.layers import AdapterSpec, LoraLayer
 from keras_lora.layers.variants import get_variant
 from keras_lora.model import surgery
 from keras_lora.serving import routing
-from keras_lora.serving.checks import check_adapter_values
 from keras_lora.serving.errors import UnknownAdapterError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -170,9 +169,8 @@ class AdapterBank:
                 f"AdapterBank: an adapter named {name!r} is already "
                 "registered. Unregister it first, or pick another name."
             )
+        # Checked as files are (finite values, alpha and update in range).
         meta, tensors, where = _read_source(source, adapter_name)
-        # Non-finite alphas or tensors would make every routed row NaN.
-        check_adapter_values(meta, tensors, where)
         if meta["weights"] or meta["modules_to_save"]:
             raise ValueError(
                 f"AdapterBank: {where} saves whole variables "
