@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,6 @@ import safetensors.numpy
 
 import keras_lora as kl
 from keras_lora.files import adapter_files
-from keras_lora.model import surgery
 from keras_lora.files.adapter_files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -19,6 +19,7 @@ from keras_lora.files.adapter_files import (
     read_adapter,
     save_adapter,
 )
+from keras_lora.model import surgery
 from tests.conftest import BACKEND, to_numpy
 from tests.models import bert_backbone, gpt2_backbone, mha_model
 
@@ -646,6 +647,16 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec(
+        {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
+            _OTHER_BACKEND[BACKEND]
+        ]
+    )
+    is None,
+    reason="the other backend is not installed (e.g. the GPU machine, which "
+    "has no TensorFlow)",
+)
 def test_adapter_loads_under_another_backend(tmp_path):
     model = mha_model()
     base = model.get_weights()
