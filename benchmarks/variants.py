@@ -1,4 +1,5 @@
-"""LoRA variants on the digits task: LoRA, LoRA+ and DoRA side by side.
+"""LoRA variants on the digits task: LoRA, LoRA+, DoRA and, on an int4
+base, LoftQ against plain QLoRA.
 
 The task is `examples/digits_lora.py`'s (its data and base-model code are
 imported from it): an MLP (64 -> 64 -> 64 -> 10) pre-trained on
@@ -9,10 +10,16 @@ batches in the same order:
 
 - `lora`: plain LoRA, Adam;
 - `lora_plus`: the same adapters, `kl.optimizers.lora_plus(Adam, ratio=16)`;
-- `dora`: `LoraConfig(use_dora=True)`, Adam.
+- `dora`: `LoraConfig(use_dora=True)`, Adam;
+- `qlora_int4`: every Dense quantized to int4 by Keras (`layer.quantize`),
+  then plain LoRA (B = 0), Adam;
+- `loftq_int4`: `LoraConfig(init="loftq", loftq_mode="int4")` (5
+  alternating steps) on the float base, Adam.
 
 Measured: validation loss (cross-entropy on the whole test split) and the
 rare digit's test accuracy every `eval_every` steps, over several seeds;
+the distance of what each adapted layer computes with from its float
+kernel at step 0 (`||W - (Q + s A B)|| / ||W||`, zero on a float base);
 the train-step time of each variant relative to LoRA (compiled
 `train_on_batch`, timed interleaved on one batch); the bytes training
 holds per variant (trainable variables and optimizer state) and, on JAX,
@@ -33,14 +40,21 @@ import numpy as np
 
 import keras_lora as kl
 from benchmarks import common
+from keras_lora.layers import loftq
 
 EXAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "examples",
     "digits_lora.py",
 )
-VARIANTS = ("lora", "lora_plus", "dora")
-LABELS = {"lora": "LoRA", "lora_plus": "LoRA+ (ratio 16)", "dora": "DoRA"}
+VARIANTS = ("lora", "lora_plus", "dora", "qlora_int4", "loftq_int4")
+LABELS = {
+    "lora": "LoRA",
+    "lora_plus": "LoRA+ (ratio 16)",
+    "dora": "DoRA",
+    "qlora_int4": "int4 base, LoRA (QLoRA)",
+    "loftq_int4": "int4 base, LoftQ",
+}
 FULL = dict(
     seeds=3,
     steps=300,
@@ -78,11 +92,16 @@ def adapted_model(example, base, variant, settings):
     """A compiled copy of `base` with `variant`'s adapters and optimizer."""
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
+    if variant == "qlora_int4":
+        for layer in model.layers:
+            layer.quantize("int4")
     config = kl.LoraConfig(
         rank=example.RANK,
         alpha=example.ALPHA,
         target_modules=[layer.name for layer in model.layers],
         use_dora=variant == "dora",
+        init="loftq" if variant == "loftq_int4" else "default",
+        loftq_mode="int4",
     )
     kl.apply_lora(model, config)
     optimizer = keras.optimizers.Adam(settings["learning_rate"])
@@ -129,9 +148,13 @@ def run_seed(example, seed, settings, log):
             )
         ]
     )
-    curves, models = {}, {}
+    kernels = [
+        keras.ops.convert_to_numpy(layer.kernel) for layer in base.layers
+    ]
+    curves, models, errors = {}, {}, {}
     for variant in VARIANTS:
         model = adapted_model(example, base, variant, settings)
+        errors[variant] = kernel_error(model, kernels)
         curve = [(0, *validation(example, model, x_test, y_test, rare))]
         for step in range(1, settings["steps"] + 1):
             batch = order[(step - 1) * settings["batch"] :][: settings["batch"]]
@@ -149,7 +172,19 @@ def run_seed(example, seed, settings, log):
         )
         models[variant] = model
     batch = order[: settings["batch"]]
-    return curves, models, (x_train[batch], y_train[batch])
+    return curves, errors, models, (x_train[batch], y_train[batch])
+
+
+def kernel_error(model, kernels):
+    """`||W - (Q + s A B)|| / ||W||` over all adapted layers: how far what
+    they compute with is from the float kernels `W`."""
+    layers = kl.lora_layers(model)
+    effective = [loftq.effective_kernel(layer, "default") for layer in layers]
+    difference = sum(
+        float(np.sum((k - e) ** 2))
+        for k, e in zip(kernels, effective, strict=True)
+    )
+    return (difference / sum(float(np.sum(k**2)) for k in kernels)) ** 0.5
 
 
 def state_bytes(model):
@@ -202,9 +237,13 @@ def run(settings, log=print):
     }
     monitor = common.CpuMonitor()
     with example.torch_single_thread():
+        result["kernel_error"] = {}
         for seed in range(settings["seeds"]):
-            curves, models, (x, y) = run_seed(example, seed, settings, log)
+            curves, errors, models, (x, y) = run_seed(
+                example, seed, settings, log
+            )
             result["seeds"][str(seed)] = curves
+            result["kernel_error"][str(seed)] = errors
         steps = {
             v: (lambda m=models[v]: m.train_on_batch(x, y)) for v in VARIANTS
         }
@@ -258,7 +297,9 @@ def render_markdown(results, command):
         f"{settings['seeds']} seeds. Step time: compiled `train_on_batch` "
         "on one batch, variants timed interleaved, median ratio to LoRA. "
         "Memory: bytes of the trainable variables plus optimizer state, "
-        "and (JAX) XLA's planned temporary bytes for loss and gradients.",
+        "and (JAX) XLA's planned temporary bytes for loss and gradients. "
+        "Kernel error: `||W - (Q + s A B)|| / ||W||` at step 0 over all "
+        "layers (`Q` the int4 base, dequantized; 0 on a float base).",
         "",
         f"Load: {common.load_line(results)}",
         "",
@@ -275,6 +316,9 @@ def render_markdown(results, command):
             timing = result["step"][variant]
             state = timing["trainable_bytes"] + timing["optimizer_bytes"]
             temp = timing["jax_temp_bytes"]
+            error = statistics.mean(
+                e[variant] for e in result["kernel_error"].values()
+            )
             rows.append(
                 {
                     "backend": result["backend"],
@@ -283,6 +327,7 @@ def render_markdown(results, command):
                     f"val loss @{mid_step}": f"{mid:.3f} +- {mid_std:.3f}",
                     f"val loss @{end_step}": f"{end:.3f} +- {end_std:.3f}",
                     "digit 8 acc": f"{accuracy:.1%}",
+                    "kernel error @0": f"{error:.4f}",
                     "step time vs LoRA": f"{timing['ratio_to_lora']:.2f}x",
                     "step ms": f"{timing['median_ms']:.2f}",
                     "state bytes vs LoRA": f"{state / lora_state:.2f}x",
@@ -294,6 +339,15 @@ def render_markdown(results, command):
                 }
             )
     lines.append(common.markdown_table(rows))
+    contended = [r["backend"] for r in results if r["timing"]["contended"]]
+    if contended:
+        lines += [
+            f"Timing on {', '.join(contended)}: the CPU was never quiet "
+            "(see Load), so every round was kept; the variants were timed "
+            "interleaved, which keeps their ratios comparable, but the "
+            "milliseconds are those of a busy machine.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -149,6 +149,41 @@ def test_register_in_memory_and_unregister(gpt2_setup):
         )
 
 
+def test_dora_and_lora_rows_in_one_batch(gpt2_setup, tmp_path):
+    """DoRA adapters route next to LoRA adapters and base rows: each row
+    equals its adapter alone, called directly and through `predict`."""
+    model, paths, x, expected = gpt2_setup
+    source = _copy(model, gpt2_backbone)
+    config = kl.LoraConfig(
+        rank=3,
+        target_modules=["query", "value", "feedforward_output_dense"],
+        use_dora=True,
+    )
+    kl.apply_lora(source, config)
+    rng = np.random.default_rng(6)
+    for variable in source.trainable_weights:
+        noise = rng.normal(0.0, 0.3, variable.shape)
+        if "magnitude" in variable.path:
+            noise = to_numpy(variable) * (1.0 + noise)
+        variable.assign(noise)
+    dora = kl.save_adapter(source, tmp_path / "dora")
+    expected = dict(expected, dora=_alone(model, gpt2_backbone, dora, x))
+    served = _copy(model, gpt2_backbone)
+    bank = AdapterBank(served, slots=3, max_rank=4, max_batch=8)
+    bank.register("q2", paths["q2"])  # query/value routed, LoRA only
+    version = bank.structure_version
+    bank.register("dora", dora)  # their DoRA rescaling switched on
+    assert bank.structure_version > version
+    rows = ["dora", None, "q2", "dora", "q2"]
+    with bank.routing(rows):
+        direct = _sequence(served, x)
+        compiled = served.predict(x, verbose=0)
+    for y in (direct, compiled):
+        for i, name in enumerate(rows):
+            np.testing.assert_allclose(y[i], expected[name][i], atol=1e-5)
+    assert np.abs(expected["dora"] - expected[None]).max() > 1e-2
+
+
 def test_mha_model_mixed_batch(tmp_path):
     keras.utils.set_random_seed(4)
     model = mha_model()

@@ -27,9 +27,17 @@ an Embedding's output dimension, a Conv's filters), and so is multiplying
 its outputs per unit (`scale_output_units`) and its bias (`output_bias`).
 
 Merging writes `f * (W + s A B)` into the kernel and remembers the norms
-(`Adapter.state`), so unmerging is exact to float32 rounding. The norm is
-always that of the kernel without merged adapters (PEFT's definition), so
-merging several adapters in turn gives the outputs of the unmerged layer.
+(`Adapter.state`, kept in `.keras` files for merged adapters), so
+unmerging is exact to float32 rounding. The norm is always that of the
+kernel without merged adapters (PEFT's definition), so merging several
+adapters in turn gives the outputs of the unmerged layer.
+
+A tied embedding's reverse call (the logits) computes with the transposed
+table, `x (f (E + s A B))^T`: the factor then scales the input's units.
+Serving (`keras_lora.serving.routing`) computes `f` once per adapter when
+it enters a slot (`routed_factor`); `add_weighted_adapter` combines DoRA
+adapters through the same factors (`keras_lora.model.weighted`). DoRA
+needs the float kernel on every step, so quantized bases are refused.
 """
 
 import numpy as np
