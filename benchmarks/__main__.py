@@ -90,6 +90,14 @@ WORKLOADS = {
         "server_throughput",
         in_all=False,
     ),
+    "quantized": Workload(
+        "benchmarks.quantized",
+        "QLoRA: LoRA training on a float32 / int8 / int4 GPT-2 base (W2 "
+        "shape), keras_lora vs Keras's built-in LoRA on the same base: base "
+        "bytes, peak training memory, step time (only when named).",
+        "quantized",
+        in_all=False,
+    ),
     "sharded": Workload(
         "benchmarks.sharded",
         "Per-device memory of full fine-tuning vs LoRA under ModelParallel "

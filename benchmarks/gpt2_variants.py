@@ -100,23 +100,30 @@ def build_backbone(shape, seed=0):
     )
 
 
-def build_keras_model(variant, shape, rank=RANK, seed=0):
+def build_keras_model(variant, shape, rank=RANK, seed=0, quantize=None):
     """The `GPT2CausalLM` of a Keras variant (`full`, `builtin`,
-    `keras_lora`); the base weights depend on `seed` only."""
+    `keras_lora`); the base weights depend on `seed` only. `quantize`
+    (`"int8"`, `"int4"`): `model.quantize(quantize)` before LoRA is added,
+    as in Keras's QLoRA recipe."""
     import keras_hub
 
     targets = TARGETS[shape["targets"]]["keras"]
     backbone = build_backbone(shape, seed)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    if quantize is not None:
+        with warnings.catch_warnings():
+            # Keras warns for every layer type it cannot quantize.
+            warnings.simplefilter("ignore")
+            model.quantize(quantize)
     if variant == "builtin":
         if shape["targets"] == "query_value":
             backbone.enable_lora(rank)  # keras-hub's default: query/value
         else:
             backbone.enable_lora(rank, target_layer_names=targets)
-    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    if variant == "keras_lora":
+    elif variant == "keras_lora":
         config = kl.LoraConfig(rank=rank, target_modules=targets)
         kl.apply_lora(model, config)
-    elif variant not in ("full", "builtin"):
+    elif variant != "full":
         raise ValueError(f"Unknown Keras variant {variant!r}.")
     return model
 
@@ -148,11 +155,20 @@ def lm_loss():
 
 
 def keras_variant(
-    variant, shape, rank=RANK, seed=0, jit_compile="auto", run_eagerly=False
+    variant,
+    shape,
+    rank=RANK,
+    seed=0,
+    jit_compile="auto",
+    run_eagerly=False,
+    quantize=None,
 ):
     """A compiled Keras variant whose `step` is `model.train_on_batch`
-    (`run_eagerly=True` is for tests: no tracing or compiling)."""
-    model = build_keras_model(variant, shape, rank=rank, seed=seed)
+    (`run_eagerly=True` is for tests: no tracing or compiling; `quantize`:
+    see `build_keras_model`)."""
+    model = build_keras_model(
+        variant, shape, rank=rank, seed=seed, quantize=quantize
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
         loss=lm_loss(),

@@ -73,8 +73,9 @@ TIMING_KEYS = (
 # -- memory ------------------------------------------------------------------
 
 
-def build_and_measure(name, shape, settings, backend, log=print):
-    """Builds variant `name` and measures its training-memory overhead.
+def build_and_measure(name, shape, settings, backend, log=print, build=None):
+    """Builds variant `name` (with `build()`, a `Variant`, if given) and
+    measures its training-memory overhead.
 
     Resident memory is read once the model is built (before the optimizer
     state exists); then `memory_warmup` steps run (compilation, optimizer
@@ -90,9 +91,12 @@ def build_and_measure(name, shape, settings, backend, log=print):
     device = device_meter("torch" if name == "peft" else backend)
     if device is not None:
         device.start()
-    variant = build_variant(
-        name, shape, jit_compile=settings.get("jit_compile", "auto")
-    )
+    if build is None:
+        variant = build_variant(
+            name, shape, jit_compile=settings.get("jit_compile", "auto")
+        )
+    else:
+        variant = build()
     common.release_free_memory()
     built = common.rss_bytes()
     if device is not None:
