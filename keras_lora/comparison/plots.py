@@ -204,7 +204,7 @@ def lr_sweep_figure(sweep):
     ax.set_xlabel("peak learning rate (AdamW, warm-up + cosine decay)")
     ax.set_ylabel("validation loss after fine-tuning")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center left")
     _title(fig, f"Learning-rate sweep, {sweep['steps']} steps", sweep)
     return fig
 

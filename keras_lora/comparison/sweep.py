@@ -153,6 +153,7 @@ def _sweep(
                 }
             )
             records.append(_record(mode, run_config, result))
+            clock.lap(f"run {index}")
             status(
                 f"    validation loss {records[-1]['val_loss']:.3f} (base "
                 f"{base['validation_before']['loss']:.3f})",
