@@ -6,89 +6,69 @@ layer registry, adapter variants), `kl.model` (configs, model surgery,
 model-level operations), `kl.files` (adapter and model files), `kl.serving`
 (routing many adapters through one model), `kl.interop` (PEFT adapters),
 `kl.optimizers` (LoRA+).
+
+`import keras_lora` imports everything (so its layers are registered with
+Keras's serialization, and `keras.saving.load_model` reads files holding
+them). Only the `keras-lora` command imports lazily
+(`KERAS_LORA_LAZY_IMPORT=1`, set by its entry point `keras_lora_cli`), so
+`keras-lora --help` starts without importing Keras; any attribute used
+later loads what it needs.
 """
 
-from keras_lora import (
-    callbacks,
-    files,
-    interop,
-    layers,
-    losses,
-    model,
-    optimizers,
-)
-from keras_lora.files import (
-    load_adapter,
-    load_model,
-    read_adapter,
-    save_adapter,
-    save_merged_model,
-    save_model,
-)
-from keras_lora.interop import export_peft, import_peft
-from keras_lora.layers import (
-    LoraConv,
-    LoraDense,
-    LoraEinsumDense,
-    LoraEmbedding,
-)
-from keras_lora.model import (
-    LoraConfig,
-    RequantizationWarning,
-    add_adapter,
-    add_weighted_adapter,
-    applied_configs,
-    apply_lora,
-    count_parameters,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    lora_layers,
-    merge_adapters,
-    merge_and_unload,
-    print_trainable_parameters,
-    set_adapter,
-    unload,
-    unmerge_adapters,
-)
-from keras_lora.version import VERSION as __version__
+import os
 
-__all__ = [
-    "LoraConfig",
-    "LoraConv",
-    "LoraDense",
-    "LoraEinsumDense",
-    "LoraEmbedding",
-    "RequantizationWarning",
-    "__version__",
-    "add_adapter",
-    "add_weighted_adapter",
-    "applied_configs",
-    "apply_lora",
-    "callbacks",
-    "count_parameters",
-    "delete_adapter",
-    "disable_adapters",
-    "export_peft",
-    "files",
-    "import_peft",
-    "interop",
-    "layers",
-    "list_adapters",
-    "load_adapter",
-    "load_model",
-    "lora_layers",
-    "losses",
-    "merge_adapters",
-    "merge_and_unload",
-    "model",
-    "optimizers",
-    "print_trainable_parameters",
-    "read_adapter",
-    "save_adapter",
-    "save_merged_model",
-    "save_model",
-    "set_adapter",
-    "unload",
-    "unmerge_adapters",
-]
+from keras_lora.lazy import lazy_module
+from keras_lora.version import VERSION
+
+__version__ = VERSION
+
+# Public name -> module that defines it (subpackages map to themselves).
+_EXPORTS = {
+    "LoraConfig": "keras_lora.model",
+    "RequantizationWarning": "keras_lora.model",
+    "add_adapter": "keras_lora.model",
+    "add_weighted_adapter": "keras_lora.model",
+    "applied_configs": "keras_lora.model",
+    "apply_lora": "keras_lora.model",
+    "count_parameters": "keras_lora.model",
+    "delete_adapter": "keras_lora.model",
+    "disable_adapters": "keras_lora.model",
+    "list_adapters": "keras_lora.model",
+    "lora_layers": "keras_lora.model",
+    "merge_adapters": "keras_lora.model",
+    "merge_and_unload": "keras_lora.model",
+    "print_trainable_parameters": "keras_lora.model",
+    "set_adapter": "keras_lora.model",
+    "unload": "keras_lora.model",
+    "unmerge_adapters": "keras_lora.model",
+    "LoraConv": "keras_lora.layers",
+    "LoraDense": "keras_lora.layers",
+    "LoraEinsumDense": "keras_lora.layers",
+    "LoraEmbedding": "keras_lora.layers",
+    "load_adapter": "keras_lora.files",
+    "load_model": "keras_lora.files",
+    "read_adapter": "keras_lora.files",
+    "save_adapter": "keras_lora.files",
+    "save_merged_model": "keras_lora.files",
+    "save_model": "keras_lora.files",
+    "export_peft": "keras_lora.interop",
+    "import_peft": "keras_lora.interop",
+    **{
+        name: f"keras_lora.{name}"
+        for name in (
+            "callbacks",
+            "files",
+            "interop",
+            "layers",
+            "losses",
+            "model",
+            "optimizers",
+        )
+    },
+}
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if os.environ.get("KERAS_LORA_LAZY_IMPORT") != "1":
+    for _name in _EXPORTS:
+        __getattr__(_name)

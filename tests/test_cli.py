@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -118,3 +119,27 @@ def test_compare_help_shows_defaults(capsys):
     for text in ("--targets", "--sweep", "--lr-sweep", "--overwrite"):
         assert text in out
     assert "LoRA rank (default: 4)" in out
+
+
+def test_help_imports_no_keras():
+    # The `keras-lora` entry point imports keras_lora lazily: `--help`
+    # starts no backend (and prints no TensorFlow/CUDA log lines).
+    code = (
+        "import sys, keras_lora_cli\n"
+        "try:\n"
+        "    keras_lora_cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('KERAS-IMPORTED', 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: keras-lora" in result.stdout
+    assert "KERAS-IMPORTED False" in result.stdout
+    assert "oneDNN" not in result.stderr and "cuda" not in result.stderr

@@ -8,14 +8,14 @@ The `keras-lora compare` command (`command.py`) and the notebook
     print(format_table(results))
 """
 
-from keras_lora.comparison.config import PRESET_RECIPE, ComparisonConfig
-from keras_lora.comparison.report import format_table, write_report
-from keras_lora.comparison.runner import run_comparison
+from keras_lora.lazy import lazy_module
 
-__all__ = [
-    "ComparisonConfig",
-    "PRESET_RECIPE",
-    "format_table",
-    "run_comparison",
-    "write_report",
-]
+_EXPORTS = {
+    "ComparisonConfig": "keras_lora.comparison.config",
+    "PRESET_RECIPE": "keras_lora.comparison.config",
+    "format_table": "keras_lora.comparison.report",
+    "write_report": "keras_lora.comparison.report",
+    "run_comparison": "keras_lora.comparison.runner",
+}
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

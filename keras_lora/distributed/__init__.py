@@ -9,19 +9,15 @@ this to be sharded right: they follow their base kernels' layouts by
 themselves (`keras_lora.layers.layouts`).
 """
 
-from keras_lora.distributed.cluster import (
-    initialize,
-    layout_map_for,
-    make_distribution,
-    process_rows,
-)
-from keras_lora.distributed.job import JobConfig, run
+from keras_lora.lazy import lazy_module
 
-__all__ = [
-    "JobConfig",
-    "initialize",
-    "layout_map_for",
-    "make_distribution",
-    "process_rows",
-    "run",
-]
+_EXPORTS = {
+    "initialize": "keras_lora.distributed.cluster",
+    "layout_map_for": "keras_lora.distributed.cluster",
+    "make_distribution": "keras_lora.distributed.cluster",
+    "process_rows": "keras_lora.distributed.cluster",
+    "JobConfig": "keras_lora.distributed.job",
+    "run": "keras_lora.distributed.job",
+}
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -8,27 +8,18 @@ it out as one transaction; `paths` finds saved layers in a model;
 files and directories so that an interrupted write loses nothing.
 """
 
-from keras_lora.files.adapter_files import (
-    collect_adapter,
-    load_adapter,
-    read_adapter,
-    save_adapter,
-)
-from keras_lora.files.loading import execute_load_plan, plan_load
-from keras_lora.files.model_files import (
-    load_model,
-    save_merged_model,
-    save_model,
-)
+from keras_lora.lazy import lazy_module
 
-__all__ = [
-    "collect_adapter",
-    "execute_load_plan",
-    "load_adapter",
-    "load_model",
-    "plan_load",
-    "read_adapter",
-    "save_adapter",
-    "save_merged_model",
-    "save_model",
-]
+_EXPORTS = {
+    "collect_adapter": "keras_lora.files.adapter_files",
+    "load_adapter": "keras_lora.files.adapter_files",
+    "read_adapter": "keras_lora.files.adapter_files",
+    "save_adapter": "keras_lora.files.adapter_files",
+    "execute_load_plan": "keras_lora.files.loading",
+    "plan_load": "keras_lora.files.loading",
+    "load_model": "keras_lora.files.model_files",
+    "save_merged_model": "keras_lora.files.model_files",
+    "save_model": "keras_lora.files.model_files",
+}
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

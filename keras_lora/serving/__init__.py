@@ -8,24 +8,18 @@
 Per-example routing itself lives in `keras_lora.serving.routing`.
 """
 
-from keras_lora.serving.bank import AdapterBank
-from keras_lora.serving.engine import Completion, CompletionRequest, Engine
-from keras_lora.serving.errors import (
-    AdapterLoadError,
-    RequestError,
-    ServingError,
-    UnknownAdapterError,
-)
-from keras_lora.serving.generation import generate
+from keras_lora.lazy import lazy_module
 
-__all__ = [
-    "AdapterBank",
-    "AdapterLoadError",
-    "Completion",
-    "CompletionRequest",
-    "Engine",
-    "RequestError",
-    "ServingError",
-    "UnknownAdapterError",
-    "generate",
-]
+_EXPORTS = {
+    "AdapterBank": "keras_lora.serving.bank",
+    "Completion": "keras_lora.serving.engine",
+    "CompletionRequest": "keras_lora.serving.engine",
+    "Engine": "keras_lora.serving.engine",
+    "AdapterLoadError": "keras_lora.serving.errors",
+    "RequestError": "keras_lora.serving.errors",
+    "ServingError": "keras_lora.serving.errors",
+    "UnknownAdapterError": "keras_lora.serving.errors",
+    "generate": "keras_lora.serving.generation",
+}
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
