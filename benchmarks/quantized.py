@@ -308,8 +308,8 @@ def render_markdown(results, command):
                     "scales MiB": _mib(parts["scales"]),
                     "float MiB": _mib(parts["float"]),
                     "trainable": f"{info['trainable_params']:,}",
-                    "peak over process MB": memory["peak_over_process_mb"],
-                    "peak over model MB": memory["peak_overhead_mb"],
+                    "peak over process MiB": memory["peak_over_process_mb"],
+                    "peak over model MiB": memory["peak_overhead_mb"],
                     "step ms": info["step"]["median_ms"],
                 }
             )
@@ -337,7 +337,7 @@ def render_markdown(results, command):
                 ]
             ),
         ]
-    lines += _arithmetic(results[0])
+    lines += _arithmetic(results[0]) + _memory_arithmetic(results)
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +372,38 @@ def _arithmetic(result):
         "",
     ]
     return lines
+
+
+def _memory_arithmetic(results):
+    """Whether the int4 memory target is reachable on this shape: the
+    step's own overhead is not made of base weights."""
+    lines = ["## Arithmetic of the int4 memory target", ""]
+    for result in results:
+        infos = result["variants"]
+        float_info = infos.get(variant_name("float32", "keras_lora"))
+        int4_info = infos.get(variant_name("int4", "keras_lora"))
+        if float_info is None or int4_info is None:
+            continue
+        total = float_info["memory"]["peak_over_process_mb"]
+        step_float = float_info["memory"]["peak_overhead_mb"]
+        step_int4 = int4_info["memory"]["peak_overhead_mb"]
+        base_int4 = _mib(int4_info["base_bytes"]["total"])
+        if not (total and step_float and step_int4):
+            continue
+        floor = base_int4 + step_float
+        lines.append(
+            f"- {result['backend']}: float32 peak over the process "
+            f"{total:.0f} MiB, of which the training step's own overhead "
+            f"(activations, gradients, optimizer state, compiled programs) "
+            f"is {step_float:.0f} MiB. Had the int4 step cost no more than "
+            f"that, int4's peak would be {base_int4:.0f} + {step_float:.0f} "
+            f"= {floor:.0f} MiB, {floor / total:.2f}x float32's (target "
+            f"0.5x: {0.5 * total:.0f} MiB). Measured: the int4 step costs "
+            f"{step_int4:.0f} MiB ({step_int4 / step_float:.2f}x float32's), "
+            f"so {int4_info['memory']['peak_over_process_mb']:.0f} MiB."
+        )
+    lines.append("")
+    return lines if len(lines) > 3 else []
 
 
 # -- command line -----------------------------------------------------------

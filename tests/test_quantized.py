@@ -8,7 +8,7 @@ import pytest
 
 import keras_lora as kl
 from keras_lora.serving import AdapterBank
-from tests.conftest import to_numpy
+from tests.conftest import gradients, to_numpy
 from tests.faults import run_with_faults
 
 MODES = ("int8", "int4")
@@ -333,3 +333,51 @@ def test_operations_on_quantized_models_are_all_or_nothing(mode):
     assert run_with_faults(merge, model, x) > 0
     assert all(x.merged for x in kl.lora_layers(model))
     assert run_with_faults(lambda: kl.unmerge_adapters(model), model, x) > 0
+
+
+def _tied_head(quantized):
+    """Dense -> the reverse projection of a tied embedding, LoRA on both;
+    int8 if `quantized`, else the dequantized int8 table in float32."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 8))
+    h = keras.layers.Dense(8, name="pre")(inputs)
+    embedding = keras.layers.ReversibleEmbedding(VOCAB, 8, name="tok")
+    embedding.build()
+    model = keras.Model(inputs, embedding(h, reverse=True))
+    table = None
+    if quantized:
+        model.quantize("int8")
+    else:
+        quantized = _tied_head(True)[1].get_layer("tok").base_layer
+        table = to_numpy(quantized(np.arange(VOCAB)))  # dequantized
+        embedding.embeddings.assign(table)
+    kl.apply_lora(model, kl.LoraConfig(rank=2, target_modules=["pre", "tok"]))
+    for i, layer in enumerate(kl.lora_layers(model)):
+        _randomize(layer, seed=i)
+    return table, model
+
+
+def test_int8_tied_logits_pass_gradients_to_the_layers_below():
+    """Keras's int8 reverse projection rounds its input without a gradient
+    for it; keras_lora's embedding layer supplies it (that of the
+    dequantized table), so layers below the logits train."""
+    x = RNG.normal(size=(2, 4, 8)).astype("float32")
+    table, reference = _tied_head(False)
+    _, model = _tied_head(True)
+    want = gradients(reference, x)
+    got = gradients(model, x)
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g).max() > 0
+        # Equal up to the forward's activation rounding (int8 inputs).
+        np.testing.assert_allclose(g, w, rtol=0.02, atol=0.02 * np.abs(w).max())
+
+
+def test_apply_lora_warns_about_an_unadapted_int8_tied_embedding():
+    _, model = _tied_head(True)
+    other = _tied_head(True)[1]
+    kl.unload(other)
+    with pytest.warns(UserWarning, match="int8 ReversibleEmbedding tied"):
+        kl.apply_lora(other, kl.LoraConfig(rank=2, target_modules=["pre"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kl.apply_lora(model, kl.LoraConfig(target_modules=["tok"]), "second")

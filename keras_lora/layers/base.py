@@ -200,6 +200,12 @@ class LoraLayer(keras.layers.Layer):
         return quantization.gaussian_probe(base_layer)
 
     @classmethod
+    def left_out_warning(cls, base_layer):
+        """What `apply_lora` warns about when `base_layer` stays unwrapped
+        (e.g. it then trains wrong), or None."""
+        return None
+
+    @classmethod
     def kernel_shape_of(cls, base_layer):
         """The base kernel's shape, or None while `base_layer` is unbuilt."""
         if not base_layer.built:

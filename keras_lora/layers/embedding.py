@@ -5,6 +5,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import quantization
 from keras_lora.layers.base import LoraLayer, matmul_trailing, split_kwargs
 from keras_lora.layers.registry import register_lora_layer
 
@@ -115,6 +116,24 @@ class LoraEmbedding(LoraLayer):
         return {**super().describe(base_layer), "tied_logits": bool(tied)}
 
     @classmethod
+    def left_out_warning(cls, base_layer):
+        if quantization.quantization_mode(base_layer) != "int8":
+            return None
+        tied = isinstance(base_layer, keras.layers.ReversibleEmbedding) and (
+            base_layer.tie_weights
+        )
+        if not tied or base_layer.logit_soft_cap is not None:
+            return None
+        return (
+            f"layer '{base_layer.name}' is an int8 ReversibleEmbedding tied "
+            "to the logits, and Keras's int8 reverse projection gives its "
+            "input no gradient: nothing below the logits would learn. "
+            "Adapt it too (add it to target_modules, e.g. "
+            "['all-linear', 'all-embedding']): keras_lora's layer supplies "
+            "that gradient. Or quantize with 'int4'."
+        )
+
+    @classmethod
     def probe_inputs(cls, base_layer):
         # Every id once: the probe reads the whole (effective) table.
         return np.arange(base_layer.input_dim, dtype="int32")
@@ -179,9 +198,14 @@ class LoraEmbedding(LoraLayer):
             self._reverse = previous
 
     def base_call(self, inputs):
-        if self._reverse:
-            return self.base_layer(inputs, reverse=True)
-        return self.base_layer(inputs)
+        if not self._reverse:
+            return self.base_layer(inputs)
+        base = self.base_layer
+        if quantization.quantization_mode(base) == "int8" and (
+            base.logit_soft_cap is None
+        ):
+            return _int8_reverse(base, inputs)
+        return base(inputs, reverse=True)
 
     def compute_mask(self, inputs, mask=None):
         if not getattr(self.base_layer, "mask_zero", False):
@@ -219,6 +243,34 @@ class LoraEmbedding(LoraLayer):
                     "(keras_lora.merge_adapters) to compute logits, or "
                     "exclude the embedding from LoRA."
                 )
+
+
+def _int8_reverse(base, inputs):
+    """The base's own int8 reverse call, with the gradient it lacks.
+
+    Keras's int8 `ReversibleEmbedding` rounds its input (activation
+    quantization) and gives that no gradient, so no gradient reaches
+    anything below the tied logits: with the LM head tied to an int8
+    embedding, no adapter in the blocks would learn. The forward is Keras's
+    call unchanged; the input's gradient is that of `h @ E^T`, with `E`
+    the dequantized table read by Keras's own lookup of every id (in the
+    backward pass only).
+    """
+
+    @ops.custom_gradient
+    def reverse(x):
+        def grad(*args, upstream=None, variables=None):
+            if upstream is None:
+                (upstream,) = args
+            table = base(ops.arange(base.input_dim, dtype="int32"))
+            dx = ops.matmul(upstream, ops.cast(table, upstream.dtype))
+            if variables is not None:  # TensorFlow: the frozen table
+                return dx, [None] * len(variables)
+            return dx
+
+        return base(x, reverse=True), grad
+
+    return reverse(inputs)
 
 
 def _ids(x):

@@ -72,6 +72,7 @@ def apply_lora(model, config=None, adapter_name="default"):
     targets = find_targets(model, config, sites)
     for site in targets:
         _check_target(site, config, adapter_name)
+    _warn_left_out(sites, targets)
     # LoftQ's quantized bases and adapters, computed before any change.
     loftq = _plan_loftq(targets, config) if config.init == "loftq" else {}
     with transaction(model) as txn:
@@ -135,6 +136,18 @@ def _check_target(site, config, adapter_name):
             "the extra rank adds parameters but no expressiveness.",
             stacklevel=3,
         )
+
+
+def _warn_left_out(sites, targets):
+    """Warnings the LoRA classes give about layers left unwrapped."""
+    chosen = {id(s.layer) for s in targets}
+    for site in sites:
+        if id(site.layer) in chosen or isinstance(site.layer, LoraLayer):
+            continue
+        cls = lora_class_for(site.layer)
+        message = cls.left_out_warning(site.layer) if cls else None
+        if message:
+            warnings.warn(f"apply_lora: {message}", stacklevel=3)
 
 
 def _lora_class(layer):
