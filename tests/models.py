@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_lora.serving import demo
+
 
 def mlp():
     model = keras.Sequential(
@@ -31,27 +33,16 @@ def transformer_block():
     return model, x, None
 
 
-# keras-hub's tiny test size: vocabulary 20, 2 layers, hidden 16.
-TINY = dict(
-    vocabulary_size=20,
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=16,
-    intermediate_dim=32,
-    max_sequence_length=8,
-)
-
-
 def gpt2_backbone():
-    import keras_hub
-
-    return keras_hub.models.GPT2Backbone(**TINY)
+    return demo.tiny_gpt2_backbone()
 
 
 def bert_backbone():
     import keras_hub
 
-    return keras_hub.models.BertBackbone(**TINY)
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=20, max_sequence_length=8, **demo.TINY_GPT2
+    )
 
 
 def mha_model():

@@ -222,9 +222,9 @@ def test_gpt2_token_embedding_is_adapted_in_both_graphs():
     """keras-hub's GPT2CausalLM calls the backbone's token embedding again
     (reversed) for its logits: both calls see the adapter."""
     keras_hub = pytest.importorskip("keras_hub")
-    from tests.models import TINY
+    from tests.models import gpt2_backbone
 
-    backbone = keras_hub.models.GPT2Backbone(**TINY)
+    backbone = gpt2_backbone()
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     x = {
         "token_ids": RNG.integers(0, 20, (2, 8)).astype("int32"),

@@ -65,13 +65,8 @@ def _keras_nlp_tiny_preset(directory):
     tokenizer = keras_nlp.models.GPT2Tokenizer(
         vocabulary=demo.byte_vocabulary(), merges=demo.MERGES
     )
-    backbone = keras_nlp.models.GPT2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=32,
+    backbone = demo.tiny_gpt2_backbone(
+        tokenizer.vocabulary_size(), 32, models=keras_nlp.models
     )
     preprocessor = keras_nlp.models.GPT2CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=32

@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_lora.serving import demo
+
 # Single characters ("Ġ" marks a leading space in GPT-2's byte-level BPE)
 # and a few merges: every prompt made of these letters tokenizes.
 _CHARS = ["Ġ", "a", "b", "c", "d", "e", "h", "l", "o", "r", "t", "w"]
@@ -26,13 +28,8 @@ def gpt2_causal_lm(seed=0, sequence_length=32, num_layers=2):
     preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
         tokenizer, sequence_length=sequence_length
     )
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=len(VOCABULARY),
-        num_layers=num_layers,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=sequence_length,
+    backbone = demo.tiny_gpt2_backbone(
+        len(VOCABULARY), sequence_length, num_layers=num_layers
     )
     # keras-hub's initial weights (std 0.02) make every logit about equal
     # and greedy decoding emit the end token at once; larger random weights

@@ -22,13 +22,38 @@ import os
 import numpy as np
 
 END_OF_TEXT = "<|endoftext|>"
+# keras-hub's own test size for GPT-2 (its tests use vocabulary 20,
+# 2 layers, hidden 16): the one tiny configuration keras_lora's tests,
+# examples and benchmarks build on.
+TINY_GPT2 = dict(num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32)
+# The serving demo's model: the same structure, twice as wide.
 TINY = dict(
-    num_layers=2,
-    num_heads=2,
-    hidden_dim=32,
-    intermediate_dim=64,
-    max_sequence_length=64,
+    TINY_GPT2, hidden_dim=32, intermediate_dim=64, max_sequence_length=64
 )
+
+
+def tiny_gpt2_backbone(
+    vocabulary_size=20, max_sequence_length=8, models=None, **overrides
+):
+    """A randomly initialised keras-hub `GPT2Backbone` at `TINY_GPT2` size.
+
+    Args:
+        vocabulary_size: the token count (20: keras-hub's test size).
+        max_sequence_length: the longest input.
+        models: the namespace holding `GPT2Backbone` (default
+            `keras_hub.models`; `keras_nlp.models` works too).
+        **overrides: other `GPT2Backbone` arguments (`num_layers`, ...).
+    """
+    if models is None:
+        import keras_hub
+
+        models = keras_hub.models
+    config = {**TINY_GPT2, **overrides}
+    return models.GPT2Backbone(
+        vocabulary_size=vocabulary_size,
+        max_sequence_length=max_sequence_length,
+        **config,
+    )
 
 
 def byte_vocabulary():
@@ -77,9 +102,7 @@ def tiny_causal_lm(seed=0, sequence_length=64, **overrides):
     preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(
         tokenizer, sequence_length=sequence_length
     )
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=len(vocabulary), **config
-    )
+    backbone = tiny_gpt2_backbone(len(vocabulary), **config)
     return keras_hub.models.GPT2CausalLM(
         backbone=backbone, preprocessor=preprocessor
     )
