@@ -5,8 +5,10 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
+
+from keras_lora import memory
+from keras_lora.files.atomic import atomic_write_file
 
 
 def time_calls(fn, warmup=3, repeats=20):
@@ -254,23 +256,14 @@ def write_json(path, data):
 
 
 def write_text(path, text):
-    """Writes `text` to `path` atomically (temp file + replace).
+    """Writes `text` to `path` atomically (`keras_lora.files.atomic`):
+    readers see the old file or the new one, never half."""
 
-    The temp file lives in the same directory, so `os.replace` is an
-    atomic rename; readers see the old file or the new one, never half.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", text=True)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def fill(tmp, scratch):
+        with open(tmp, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_file(path, fill)
 
 
 def markdown_table(rows, columns=None):
@@ -316,42 +309,30 @@ def markdown_table(rows, columns=None):
 # -- memory ---------------------------------------------------------------
 
 
-def _proc_status_bytes(field):
-    """A `kB` field of /proc/self/status (e.g. VmRSS) in bytes, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+# The process's resident memory, from keras_lora's CPU probe (Linux: VmRSS
+# and the resettable VmHWM high-water mark).
+_CPU = memory.CpuProbe()
 
 
 def rss_bytes():
-    """This process's resident memory now (Linux; None elsewhere)."""
-    return _proc_status_bytes("VmRSS")
+    """This process's resident memory now."""
+    return _CPU.current()
 
 
 def peak_rss_bytes():
-    """This process's resident high-water mark (VmHWM) since the last
-    `reset_peak_rss()` (Linux; None elsewhere)."""
-    return _proc_status_bytes("VmHWM")
+    """This process's resident high-water mark since the last
+    `reset_peak_rss()` (since the process started where it can't reset)."""
+    return _CPU.peak()
 
 
 def reset_peak_rss():
-    """Resets the VmHWM high-water mark to the current RSS (Linux >= 4.0).
-
-    Writing "5" to /proc/self/clear_refs does it, so several variants can
-    be measured one after another in one process. Returns False where
-    unsupported.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
+    """Resets the high-water mark to the current RSS; False where the
+    platform cannot (several variants are then measured in one process
+    only with that caveat)."""
+    if _CPU.peak_scope != "since-reset":
         return False
+    _CPU.reset_peak()
+    return True
 
 
 def release_free_memory():

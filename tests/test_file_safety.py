@@ -209,3 +209,20 @@ def test_keras_hub_task_keeps_its_optimizer_and_loss(tmp_path):
     for a, b in zip(saved_state, loaded_state, strict=True):
         np.testing.assert_allclose(a, b)
     assert loaded.get_compile_config()["loss"]["config"]["from_logits"]
+
+
+def test_saved_files_get_ordinary_permissions(saved, tmp_path):
+    # Temporaries are created private (0600/0700); what is saved must be
+    # readable like any file the user writes (mode less the umask).
+    directory, _ = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    model = _mlp()
+    kl.save_model(model, tmp_path / "m.keras")
+    for path, mode in (
+        (directory, 0o777),
+        (os.path.join(directory, CONFIG_NAME), 0o666),
+        (os.path.join(directory, WEIGHTS_NAME), 0o666),
+        (tmp_path / "m.keras", 0o666),
+    ):
+        assert os.stat(path).st_mode & 0o777 == mode & ~umask, path

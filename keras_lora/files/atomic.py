@@ -63,6 +63,7 @@ def atomic_write_dir(directory, write, keep=()):
         _clean_leftovers(directory)
         tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_TAG}", dir=parent)
         try:
+            _default_mode(tmp, 0o777)  # mkdtemp makes it 0700
             write(tmp)
             if os.path.isdir(directory):
                 _carry_over(directory, tmp, skip=set(keep))
@@ -127,6 +128,14 @@ def reading(directory):
             os.close(fd)  # closing releases the lock
 
 
+def _default_mode(path, mode):
+    """Gives `path` the permissions a plain `open`/`mkdir` would: `mode`
+    less the process's umask (temporaries are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def _same_file(a, b):
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
@@ -156,6 +165,7 @@ def atomic_write_file(path, write, suffix=""):
 
     try:
         tmp = scratch()
+        _default_mode(tmp, 0o666)  # mkstemp makes it 0600
         write(tmp, scratch)
         fsync_file(tmp)
         os.replace(tmp, path)
