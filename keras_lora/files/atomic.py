@@ -63,8 +63,13 @@ def atomic_write_dir(directory, write, keep=()):
         _clean_leftovers(directory)
         tmp = tempfile.mkdtemp(prefix=f".{base}{_TMP_TAG}", dir=parent)
         try:
-            _default_mode(tmp, 0o777)  # mkdtemp makes it 0700
             write(tmp)
+            # mkdtemp makes the directory 0700 and some writers (the
+            # safetensors library) make files 0600.
+            for root, dirs, files in os.walk(tmp):
+                _default_mode(root, 0o777)
+                for name in files:
+                    _default_mode(os.path.join(root, name), 0o666)
             if os.path.isdir(directory):
                 _carry_over(directory, tmp, skip=set(keep))
             _fsync_dir(tmp)
