@@ -117,7 +117,7 @@ def test_branch_gradient_is_two_dimensional_matrix_products():
     A 3-D product's weight gradient contracts two axes (batch and
     sequence), which XLA:CPU turns into a transposed copy of the output
     gradient per adapter (a quarter of the W2 step on JAX); see
-    `keras_lora.layers.base.matmul_trailing`.
+    `keras_lora.layers.projection.matmul_trailing`.
     """
     import jax
 

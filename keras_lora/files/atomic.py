@@ -66,7 +66,7 @@ def atomic_write_dir(directory, write, keep=()):
             write(tmp)
             # mkdtemp makes the directory 0700 and some writers (the
             # safetensors library) make files 0600.
-            for root, dirs, files in os.walk(tmp):
+            for root, _, files in os.walk(tmp):
                 _default_mode(root, 0o777)
                 for name in files:
                     _default_mode(os.path.join(root, name), 0o666)

@@ -13,7 +13,7 @@ dtype still matches; quantized kernels are not compared.
 import keras
 import numpy as np
 
-from keras_lora.layers.base import FLOAT_DTYPES
+from keras_lora.layers.merging import FLOAT_DTYPES
 
 SAMPLES = 16
 _NORM_TOLERANCE = 0.05

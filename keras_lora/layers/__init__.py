@@ -10,13 +10,14 @@ type.
 """
 
 from keras_lora.layers import quantization
-from keras_lora.layers.base import LoraLayer, matmul_trailing
+from keras_lora.layers.base import LoraLayer
 from keras_lora.layers.conv import LoraConv
 from keras_lora.layers.dense import LoraDense
 from keras_lora.layers.dora import DoraVariant
 from keras_lora.layers.einsum_dense import LoraEinsumDense
 from keras_lora.layers.embedding import LoraEmbedding
 from keras_lora.layers.equation import Factorization, factor_equation
+from keras_lora.layers.projection import matmul_trailing
 from keras_lora.layers.registry import (
     lora_class_for,
     refusal_for,

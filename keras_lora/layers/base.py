@@ -13,13 +13,10 @@ subclass that wraps it (`dense.py`, `einsum_dense.py`, ...), registered in
 `keras_lora.layers.registry`.
 """
 
-import contextlib
 import dataclasses
-import math
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_lora._keras_internals import (
     own_variable_lists,
@@ -29,12 +26,16 @@ from keras_lora._keras_internals import (
     untrack_variable,
 )
 from keras_lora.layers import quantization
+from keras_lora.layers.construction import (
+    layer_trainable_state,
+    restore_trainable_state,
+    variable_scopes_of,
+)
+from keras_lora.layers.layer_type import LayerType
 from keras_lora.layers.layouts import adapter_layout
-from keras_lora.layers.registry import lora_class_for
+from keras_lora.layers.merging import Merging
 from keras_lora.layers.spec import DEFAULT_ADAPTER, AdapterSpec, variant_for
 from keras_lora.layers.variants import get_variant, mark_tensor
-
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclasses.dataclass
@@ -61,7 +62,7 @@ class Adapter:
         return get_variant(self.spec.variant)
 
 
-class LoraLayer(keras.layers.Layer):
+class LoraLayer(LayerType, Merging, keras.layers.Layer):
     """Base class: a base layer plus named adapters.
 
     A subclass wraps one kind of Keras layer: it sets `wraps` (the Keras
@@ -168,203 +169,6 @@ class LoraLayer(keras.layers.Layer):
             base_layer.activation = linear
         if base_layer.built:
             self.apply_freeze()
-
-    # -- what a layer type answers (subclass hooks) -------------------------
-
-    @classmethod
-    def adapter_shapes_for(cls, base_layer, rank):
-        """`(a_shape, b_shape)` of a rank-`rank` adapter on built
-        `base_layer`."""
-        raise NotImplementedError
-
-    @classmethod
-    def kernel_of(cls, base_layer):
-        """The base layer's kernel as its public property gives it: the
-        float kernel variable (what merges change), or for a quantized
-        base its integer values (unpacked for int4, not dequantized),
-        shaped like the float kernel."""
-        return base_layer.kernel
-
-    @classmethod
-    def kernel_variables(cls, base_layer):
-        """The variables a merge may rewrite: the kernel, or every
-        variable of a quantized base (a requantizing merge rewrites its
-        scales and zero points too)."""
-        if quantization.is_quantized(base_layer):
-            return list(base_layer.weights)
-        return [cls.kernel_of(base_layer)]
-
-    @classmethod
-    def probe_inputs(cls, base_layer):
-        """Inputs on which a requantizing merge measures its drift."""
-        return quantization.gaussian_probe(base_layer)
-
-    @classmethod
-    def left_out_warning(cls, base_layer):
-        """What `apply_lora` warns about when `base_layer` stays unwrapped
-        (e.g. it then trains wrong), or None."""
-        return None
-
-    @classmethod
-    def kernel_shape_of(cls, base_layer):
-        """The base kernel's shape, or None while `base_layer` is unbuilt."""
-        if not base_layer.built:
-            return None
-        return tuple(int(d) for d in cls.kernel_of(base_layer).shape)
-
-    @classmethod
-    def kind_of(cls, base_layer):
-        """The base layer's kind as adapter files record it (`"Dense"`)."""
-        for base_type in cls.wraps:
-            if isinstance(base_layer, base_type):
-                return base_type.__name__
-        return type(base_layer).__name__
-
-    @classmethod
-    def describe(cls, base_layer):
-        """What adapter files record about the base layer (JSON data)."""
-        shape = cls.kernel_shape_of(base_layer)
-        return {
-            "lora_class": cls.__name__,
-            "base_class": cls.kind_of(base_layer),
-            "kernel_shape": list(shape or ()),
-        }
-
-    @classmethod
-    def check_description(cls, base_layer, saved, where, path):
-        """Raises `ValueError` if `saved` (from `describe`) does not fit
-        `base_layer`."""
-        kind = cls.kind_of(base_layer)
-        if saved.get("base_class") not in (None, kind):
-            raise ValueError(
-                f"{where}: layer '{path}' is a {kind}, but the adapter was "
-                f"saved for a {saved['base_class']}."
-            )
-        current = cls.describe(base_layer)
-        for field, value in saved.items():
-            if field in ("lora_class", "base_class", "kernel_shape"):
-                continue
-            if field in current and current[field] != value:
-                raise ValueError(
-                    f"{where}: layer '{path}' has {field} "
-                    f"{current[field]!r}, but the adapter was saved for "
-                    f"{value!r}."
-                )
-
-    @classmethod
-    def check_wrappable(cls, layer, require_built=True):
-        """Raises (naming the layer and the fix) if `layer` can't be
-        wrapped by this class."""
-        if isinstance(layer, LoraLayer):
-            raise TypeError(
-                f"Layer '{layer.name}' is already a LoRA layer "
-                f"({type(layer).__name__}); add more adapters with "
-                "`layer.add_adapter(name, rank=...)` instead of wrapping it."
-            )
-        if not isinstance(layer, cls.wraps):
-            other = lora_class_for(layer)
-            hint = (
-                f"Use {other.__name__} for it."
-                if other is not None
-                else "keras_lora has no LoRA class for that type."
-            )
-            wanted = " or ".join(
-                f"keras.layers.{t.__name__}" for t in cls.wraps
-            )
-            raise TypeError(
-                f"{cls.__name__}.from_layer expects a {wanted}, but layer "
-                f"'{getattr(layer, 'name', layer)}' is a "
-                f"{type(layer).__name__}. {hint}"
-            )
-        if getattr(layer, "lora_enabled", False):
-            raise ValueError(
-                f"Layer '{layer.name}' has Keras's built-in LoRA enabled "
-                "(`enable_lora`). Wrap the layer before calling enable_lora, "
-                "or use one LoRA implementation only."
-            )
-        cls.check_factorable(layer)
-        quantization.check_supported(layer, f"{cls.__name__}.from_layer")
-        if require_built and not layer.built:
-            raise ValueError(
-                f"Layer '{layer.name}' is not built yet, so it has no kernel "
-                "to share. Call it on data or `layer.build(input_shape)` "
-                f"first, or create a {cls.__name__} with its drop-in "
-                "constructor."
-            )
-
-    @classmethod
-    def check_factorable(cls, layer):
-        """Raises if `layer`'s kernel cannot take a LoRA adapter."""
-
-    def project_down(self, x, a):
-        """`x @ A`: the input projected to the rank axis, `(..., r)`."""
-        raise NotImplementedError
-
-    def project_up(self, hidden, b):
-        """`hidden @ B`: the rank axis projected to the layer's output."""
-        raise NotImplementedError
-
-    def kernel_delta(self, a, b):
-        """`A @ B` shaped like the base kernel (used by merges)."""
-        raise NotImplementedError
-
-    def kernel_matrix(self, kernel):
-        """The numpy `kernel` as a `(contracted, outputs)` matrix."""
-        raise NotImplementedError
-
-    @classmethod
-    def kernel_probe(cls, base_layer):
-        """`(inputs, to_kernel)`: numpy one-hot inputs on which a call of
-        `base_layer` without its bias gives the kernel it computes with,
-        and the function turning those outputs into the kernel (LoftQ
-        reads quantized kernels back through Keras's own quantized call
-        this way). None if the layer type cannot."""
-        return None
-
-    @classmethod
-    def kernel_output_axes(cls, base_layer):
-        """The kernel axes that are output units (DoRA's magnitude has
-        one entry per unit). The default: the kernel's last axis."""
-        return (len(cls.kernel_shape_of(base_layer)) - 1,)
-
-    def scale_output_units(self, outputs, factor):
-        """`outputs` times `factor`, one value per output unit (shaped as
-        the kernel's output axes). The default fits layers whose output
-        units are the output's trailing axes, in kernel order."""
-        return outputs * factor
-
-    def output_bias(self):
-        """The base layer's bias as its call adds it to the outputs
-        (broadcastable against them), or None."""
-        return getattr(self.base_layer, "bias", None)
-
-    @property
-    def kernel_transposed(self):
-        """True while the call in progress computes with the kernel
-        transposed (a tied embedding's reverse call): the kernel's output
-        units are then the input's last axis."""
-        return False
-
-    def routing_equations(self):
-        """`(down, up)` einsums of `project_down`/`project_up`, for routed
-        slots (`keras_lora.serving.routing` adds the batch axis to A and
-        B). The default fits a matrix kernel."""
-        return "...i,ir->...r", "...r,ro->...o"
-
-    def branch_factors(self, x, a, b):
-        """The `(A, B)` that `project_down`/`project_up` apply to input `x`
-        (plain or stacked per batch row), in the branch's dtype. The
-        default: `a`, `b` cast to `x`'s dtype."""
-        return ops.cast(a, x.dtype), ops.cast(b, x.dtype)
-
-    def routed_project_down(self, x, a, equation):
-        """`project_down` with one A per batch row (`a`: `(batch, ...)`);
-        `equation` is `routing_equations()[0]` with the batch axis."""
-        return ops.einsum(equation, x, a)
-
-    def routed_project_up(self, hidden, b, equation):
-        """`project_up` with one B per batch row, as `routed_project_down`."""
-        return ops.einsum(equation, hidden, b)
 
     # -- construction -------------------------------------------------------
 
@@ -680,177 +484,6 @@ class LoraLayer(keras.layers.Layer):
         (None detaches)."""
         self._routed = slots
 
-    # -- merge / unmerge ----------------------------------------------------
-
-    @property
-    def merged(self):
-        """True when adapters are folded into the base kernel."""
-        return bool(self._merged)
-
-    @property
-    def merged_adapters(self):
-        return list(self._merged)
-
-    def merge(self, adapter_names=None, requantize=False):
-        """Folds the active (or named) adapters into the base kernel.
-
-        Computed in float32. Refused if the layer is already merged. A
-        quantized base (`model.quantize("int8" | "int4")`) is merged only
-        with `requantize=True`: the kernel is dequantized, the update
-        added and the sum requantized by Keras's own code, which rounds;
-        the measured cost is then in `merge_drift` (a
-        `keras_lora.layers.quantization.Drift`), and `unmerge()` restores
-        the quantized kernel exactly (from a copy kept in memory).
-        """
-        if self._merged:
-            raise ValueError(
-                f"Layer '{self.name}' is already merged (adapters "
-                f"{self._merged}). Call `unmerge()` first; merging twice "
-                "would add the update twice."
-            )
-        names = self._active if adapter_names is None else adapter_names
-        names = [names] if isinstance(names, str) else list(names)
-        self._check_known(names)
-        if names:
-            self.check_mergeable(requantize)
-        base = self.base_layer
-        requantizing = bool(names) and quantization.is_quantized(base)
-        if requantizing:
-            probe = self.probe_inputs(base)
-            y_base, y_exact = self._probe_outputs(probe, names)
-            self._requantized_from = {
-                v.name: np.array(ops.convert_to_numpy(v)) for v in base.weights
-            }
-        done = []
-        self._requantizing = requantizing
-        try:
-            for name in names:
-                adapter = self._adapters[name]
-                adapter.variant.merge(self, adapter)
-                done.append(adapter)
-                # Variants see what is merged before them (DoRA's norm
-                # is that of the kernel without merged adapters).
-                self._merged = [a.name for a in done]
-        except BaseException:
-            if requantizing:
-                self._restore_quantized()
-            else:
-                for adapter in reversed(done):
-                    adapter.variant.unmerge(self, adapter)
-            self._merged = []
-            raise
-        finally:
-            self._requantizing = False
-        self._merged = names
-        if requantizing:
-            y_merged = ops.convert_to_numpy(self.base_call(probe))
-            self.merge_drift = quantization.measure_drift(
-                self.name,
-                quantization.quantization_mode(base),
-                y_base,
-                y_exact,
-                y_merged,
-            )
-
-    def unmerge(self):
-        """Takes merged adapters back out of the kernel (no-op if none).
-
-        After a requantizing merge the quantized kernel from before it
-        comes back exactly. Without that copy (a model saved merged and
-        loaded again) the update is subtracted and the kernel requantized,
-        which rounds again.
-        """
-        if self._merged and self._requantized_from is not None:
-            self._restore_quantized()
-            self._merged = []
-            return
-        self._requantizing = quantization.is_quantized(self.base_layer)
-        try:
-            for name in reversed(self._merged):
-                adapter = self._adapters[name]
-                adapter.variant.unmerge(self, adapter)
-        finally:
-            self._requantizing = False
-        self._merged = []
-
-    def check_mergeable(self, requantize=False):
-        """Raises (saying why and what to do) if adapters cannot be folded
-        into the base kernel (a quantized one only with `requantize`)."""
-        self.check_mergeable_kernel(self.base_layer, self.name, requantize)
-
-    @classmethod
-    def check_mergeable_kernel(cls, base_layer, where, requantize=False):
-        """Raises if `base_layer`'s kernel cannot take a merged delta."""
-        mode = quantization.quantization_mode(base_layer)
-        if mode is not None:
-            quantization.check_supported(base_layer, f"Layer '{where}'")
-            if not requantize:
-                raise ValueError(quantization.refusal(mode, where))
-            return
-        kernel = cls.kernel_of(base_layer)
-        if kernel.dtype not in FLOAT_DTYPES:
-            raise ValueError(
-                f"Layer '{where}': cannot merge into a {kernel.dtype} "
-                "kernel (quantized base). Keep the adapter unmerged, or "
-                "merge before quantizing."
-            )
-
-    def pissa_init(self, name=DEFAULT_ADAPTER):
-        """PiSSA: A, B from the top-r SVD of the kernel; residual in base.
-
-        With the kernel as a matrix `W = U S V^T`, sets `A = U_r sqrt(S_r/s)`
-        and `B = sqrt(S_r/s) V_r^T` and the base kernel to `W - s A B`, so
-        outputs are unchanged. Computed in float32 on the host. Everything
-        is checked before anything changes.
-        """
-        self._check_known([name])
-        if name in self._merged:
-            raise ValueError(
-                f"Layer '{self.name}': unmerge before re-initialising '{name}'."
-            )
-        self.check_mergeable()
-        adapter = self.adapter(name)
-        if adapter.spec.variant != "lora":
-            raise ValueError(
-                f"Layer '{self.name}': PiSSA initialises plain LoRA adapters "
-                f"only; adapter '{name}' is a {adapter.spec.variant!r} "
-                "adapter."
-            )
-        spec = adapter.spec
-        kernel = self.kernel_of(self.base_layer)
-        matrix = self.kernel_matrix(ops.convert_to_numpy(kernel))
-        u, s, vt = np.linalg.svd(matrix.astype("float64"), full_matrices=False)
-        r = spec.rank
-        if r > len(s):
-            raise ValueError(
-                f"Layer '{self.name}': PiSSA rank {r} exceeds the kernel's "
-                f"rank {len(s)}."
-            )
-        root = np.sqrt(s[:r] / spec.scale)
-        a = (u[:, :r] * root).astype("float32")
-        b = (root[:, None] * vt[:r]).astype("float32")
-        a_var, b_var = self.lora_weights(name)
-        a_var.assign(a.reshape(a_var.shape))
-        b_var.assign(b.reshape(b_var.shape))
-        adapter.variant.unmerge(self, adapter)
-
-    def delta_weight(self, name=DEFAULT_ADAPTER):
-        """The kernel-shaped float32 change adapter `name` amounts to
-        (`s * A @ B` for plain LoRA)."""
-        adapter = self.adapter(name)
-        return adapter.variant.delta(self, adapter)
-
-    def add_to_kernel(self, delta, sign):
-        """`kernel += sign * delta`, computed in float32 (dequantized,
-        added and requantized inside a requantizing merge)."""
-        self.check_mergeable(self._requantizing)
-        if self._requantizing:
-            quantization.requantized_add(self.base_layer, sign * delta)
-            return
-        kernel = self.kernel_of(self.base_layer)
-        updated = ops.cast(kernel, "float32") + sign * delta
-        kernel.assign(ops.cast(updated, kernel.dtype))
-
     # -- transactions (keras_lora.model.transaction) ----------------------
 
     def snapshot_state(self):
@@ -919,24 +552,6 @@ class LoraLayer(keras.layers.Layer):
 
     # -- internals ----------------------------------------------------------
 
-    def _probe_outputs(self, probe, names):
-        """`(base output, output with adapters `names`)` for `probe`, as
-        numpy (before the activation)."""
-        y_base = self.base_call(probe)
-        y = y_base
-        for name in names:
-            adapter = self._adapters[name]
-            y = adapter.variant.forward(self, adapter, probe, y, False)
-        return ops.convert_to_numpy(y_base), ops.convert_to_numpy(y)
-
-    def _restore_quantized(self):
-        """Puts back the quantized values a requantizing merge replaced."""
-        saved = self._requantized_from
-        for variable in self.base_layer.weights:
-            variable.assign(saved[variable.name])
-        self._requantized_from = None
-        self.merge_drift = None
-
     def _check_known(self, names):
         self._check_names(names, self._specs)
 
@@ -969,89 +584,3 @@ class LoraLayer(keras.layers.Layer):
         adapter = Adapter(spec, variables)
         variant.initialize(self, adapter)
         self._adapters[spec.name] = adapter
-
-
-# Arguments that configure the LoRA wrapper itself; a drop-in constructor
-# passes every other keyword to the base layer it creates.
-_WRAPPER_KWARGS = (
-    "rank",
-    "alpha",
-    "dropout",
-    "use_rslora",
-    "a_initializer",
-    "b_initializer",
-    "adapter_name",
-    "use_dora",
-    "adapters",
-    "active_adapters",
-    "merged_adapters",
-    "activation",
-    "bias_trainable",
-    "name",
-    "trainable",
-    "autocast",
-)
-
-
-def split_kwargs(kwargs):
-    """Splits drop-in constructor kwargs into (wrapper, base layer) parts."""
-    wrapper = {k: v for k, v in kwargs.items() if k in _WRAPPER_KWARGS}
-    base = {k: v for k, v in kwargs.items() if k not in _WRAPPER_KWARGS}
-    if "lora_rank" in base or "lora_alpha" in base:
-        raise ValueError(
-            "Pass `rank=`/`alpha=` to keras_lora layers, not Keras's built-in "
-            "`lora_rank`/`lora_alpha`."
-        )
-    return wrapper, base
-
-
-def variable_scopes_of(layer):
-    """Name scopes under which new variables get paths like `layer`'s own.
-
-    Adapter variables created inside them read like the kernel's path
-    (`model/block/query/lora_a_default`) and stay unique across a model.
-    """
-    stack = contextlib.ExitStack()
-    weights = layer.weights
-    if weights:
-        for scope in weights[0].path.split("/")[:-2]:
-            stack.enter_context(keras.name_scope(scope))
-    return stack
-
-
-def layer_trainable_state(layer):
-    """The `trainable` flags of `layer` and its variables, to restore."""
-    return (layer, layer.trainable, [(v, v.trainable) for v in layer.weights])
-
-
-def restore_trainable_state(state):
-    layer, flag, variables = state
-    if layer.trainable != flag:
-        layer.trainable = flag
-    for variable, value in variables:
-        variable.trainable = value
-
-
-def matmul_trailing(x, kernel, contracted_ndim=1):
-    """`x (..., K1..Kc) @ kernel (K1..Kc, N1..Nm) -> (..., N1..Nm)`.
-
-    On JAX and TensorFlow this is one 2-D matrix product on reshaped views
-    (the leading axes of `x` folded into rows). The LoRA branches go
-    through here because the gradient is then computed differently: for a
-    3-D input, autodiff of a 3-D product contracts the weight gradient over
-    two axes, and XLA:CPU copies the output gradient into a transposed
-    layout for it, once per adapter (GPT-2 base shape with LoRA on every
-    linear layer: a quarter of the JAX step; the 2-D form needs no copy).
-    PyTorch folds the leading axes itself inside `tensordot`, which is
-    about 2% faster in eager mode than reshaping from Python.
-    """
-    if keras.backend.backend() == "torch":
-        return ops.tensordot(x, kernel, axes=contracted_ndim)
-    shape = ops.shape(x)
-    batch = tuple(shape[: len(shape) - contracted_ndim])
-    rows = math.prod(kernel.shape[:contracted_ndim])
-    outputs = tuple(kernel.shape[contracted_ndim:])
-    product = ops.matmul(
-        ops.reshape(x, (-1, rows)), ops.reshape(kernel, (rows, -1))
-    )
-    return ops.reshape(product, batch + outputs)

@@ -4,8 +4,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora.layers.base import LoraLayer, matmul_trailing, split_kwargs
+from keras_lora.layers.base import LoraLayer
+from keras_lora.layers.construction import split_kwargs
 from keras_lora.layers.equation import factor_equation
+from keras_lora.layers.projection import matmul_trailing
 from keras_lora.layers.registry import register_lora_layer
 
 

@@ -25,7 +25,7 @@ import gc
 import keras
 import numpy as np
 
-from keras_lora.layers.base import variable_scopes_of
+from keras_lora.layers.construction import variable_scopes_of
 
 QUANTIZE_MODES = ("int4", "int8")
 

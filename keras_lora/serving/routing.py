@@ -54,7 +54,7 @@ from keras_lora._keras_internals import (
     untrack_variable,
 )
 from keras_lora.layers import LoraLayer, lora_class_for, supported_layer_types
-from keras_lora.layers.base import variable_scopes_of
+from keras_lora.layers.construction import variable_scopes_of
 from keras_lora.layers.layouts import adapter_layout, replicated_layout
 
 
