@@ -26,12 +26,14 @@ compare peak memory and parameter counts.
     KERAS_BACKEND=jax python examples/keras_io_gpt2_lora.py \\
         --preset gpt2_base_en --batches 500
 
-Without `--preset`, the small GPT-2 that `keras-lora compare` pre-trains
-on `pydoc_data.topics` is used (built on first use, then cached). The text
-is the tutorial's stand-in: the tutorial fine-tunes on Reddit TIFU posts
+Without `--preset`, the small GPT-2 that ships with keras_lora for
+`keras-lora compare` is used (pre-trained offline on Python's
+documentation and most of its standard library). The text is the
+tutorial's stand-in: the tutorial fine-tunes on Reddit TIFU posts
 (`tensorflow_datasets`, a download); offline this script uses paragraphs
-of the Python standard library's docstrings and comments, or `--data FILE`
-(one document per blank-line-separated paragraph).
+of the standard-library packages that base model never read (e-mail,
+HTTP, URLs, ...), or `--data FILE` (one document per blank-line-separated
+paragraph).
 """
 
 import argparse
@@ -62,7 +64,7 @@ def parse_args(argv=None):
         "--preset",
         help="keras-hub/keras_nlp preset: a local directory or a name such "
         "as gpt2_base_en (downloaded by keras-hub). Default: the small "
-        "offline GPT-2 of `keras-lora compare` (cached)",
+        "offline GPT-2 that ships for `keras-lora compare`",
     )
     parser.add_argument(
         "--data", help="a text file; paragraphs become training documents"
@@ -89,9 +91,6 @@ def parse_args(argv=None):
         default=64,
         help="generated length (the tutorial uses 200)",
     )
-    parser.add_argument(
-        "--cache-dir", help="cache of the default offline base model"
-    )
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
@@ -107,7 +106,7 @@ def documents(path=None, limit=4000):
         from keras_lora.comparison import data
 
         parts = []
-        for source in data.stdlib_documents(2_000_000):
+        for source in data.finetune_package_documents(2_000_000):
             parts += source.split("\n\n")
     parts = [p.strip() for p in parts if len(p.strip()) > 40]
     if not parts:
@@ -133,11 +132,11 @@ def text_dataset(texts, batch_size, batches):
     )
 
 
-def default_preset(cache_dir=None):
-    """The small GPT-2 that `keras-lora compare` pre-trains (cached)."""
+def default_preset():
+    """The small GPT-2 that `keras-lora compare` fine-tunes (shipped)."""
     from keras_lora.comparison import ComparisonConfig, base_model
 
-    preset, _ = base_model.prepare_base(ComparisonConfig(), cache_dir)
+    preset, _ = base_model.prepare_base(ComparisonConfig())
     return preset
 
 
@@ -195,7 +194,7 @@ def train(model, dataset, learning_rate, label):
 def main(argv=None):
     args = parse_args(argv)
     keras.utils.set_random_seed(args.seed)
-    preset = args.preset or default_preset(args.cache_dir)
+    preset = args.preset or default_preset()
     texts = documents(args.data)
     dataset = text_dataset(texts, args.batch_size, args.batches)
     print(f"backend {keras.backend.backend()}, preset {preset}")

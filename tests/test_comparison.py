@@ -18,9 +18,17 @@ import numpy as np
 import pytest
 
 from keras_lora import cli
-from keras_lora.comparison import ComparisonConfig, data, report, runner
+from keras_lora.comparison import (
+    ComparisonConfig,
+    command,
+    data,
+    report,
+    runner,
+    training,
+)
 from keras_lora.comparison.base_model import load_causal_lm, resolve_preset
 from keras_lora.comparison.tokenizer import encode, train_tokenizer
+from keras_lora.serving.demo import tiny_gpt2_backbone
 
 SEQUENCE_LENGTH = 16
 
@@ -39,13 +47,8 @@ def tiny_preset(tmp_path_factory):
     tokenizer = train_tokenizer(
         data.pretraining_documents(20_000), 300, os.fspath(root / "bpe")
     )
-    backbone = keras_nlp.models.GPT2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=SEQUENCE_LENGTH,
+    backbone = tiny_gpt2_backbone(
+        tokenizer.vocabulary_size(), SEQUENCE_LENGTH, models=keras_nlp.models
     )
     preprocessor = keras_nlp.models.GPT2CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=SEQUENCE_LENGTH
@@ -245,10 +248,84 @@ def test_user_documents_file_and_directory(user_data):
     assert sum(len(d.encode()) for d in limited) == 1000
 
 
-def test_stdlib_is_the_default_corpus():
-    documents = data.finetuning_documents(None, max_bytes=5000)
-    assert sum(len(d.encode()) for d in documents) == 5000
-    assert "import" in "".join(documents)
+def test_function_requests_are_the_default_corpus():
+    documents = data.finetuning_documents(None, max_bytes=60_000)
+    assert documents == data.function_documents(60_000)
+    assert sum(len(d.encode()) for d in documents) == 60_000
+    low, high = data.FUNCTION_CHARACTERS
+    names = []
+    for document in documents[:-1]:  # the last one is cut at 60 KB
+        request, source = document.split("\n", 1)
+        name = request.removeprefix("### Source of `").removesuffix("`")
+        assert request == data.FUNCTION_REQUEST.format(name=name).strip()
+        # The source follows as in its file: `def` + the function's name.
+        assert source.lstrip().startswith(
+            ("def " + name.rsplit(".", 1)[1], "async def ")
+        )
+        assert low <= len(source.rstrip()) <= high
+        names.append(name)
+    assert len(set(names)) == len(names) > 20
+    # Only modules the shipped base read; never the unseen packages.
+    modules = {name.split(".")[0] for name in names}
+    assert not modules & set(data.FINETUNE_PACKAGES)
+    assert len(modules) > 3  # shuffled over many modules
+    # Methods are named by their class; a package's __init__ by the package.
+    assert any(name.count(".") >= 2 for name in names)
+    assert data._module_name(os.path.join("json", "__init__.py")) == "json"
+    # The same text on every call (the seed), another with another seed.
+    assert data.function_documents(20_000) == data.function_documents(20_000)
+    assert data.function_documents(20_000, seed=1) != documents[:1]
+    # The other built-in corpus: the unseen packages as plain code.
+    plain = data.finetuning_documents(None, 5000, corpus="unseen-packages")
+    assert sum(len(d.encode()) for d in plain) == 5000
+    assert "### Source of" not in "".join(plain)
+    with pytest.raises(ValueError, match="corpus"):
+        data.finetuning_documents(None, 5000, corpus="poems")
+
+
+def test_corpus_chooses_text_and_prompts(capsys):
+    assert ComparisonConfig().corpus == "functions"
+    assert ComparisonConfig().prompts[0] == "### Source of `textwrap.dedent`\n"
+    code = ComparisonConfig(corpus="unseen-packages")
+    assert code.prompts == ComparisonConfig(data="x.txt").prompts
+    assert code.prompts[0] == "def "
+    assert ComparisonConfig(prompts=["x"]).prompts == ("x",)
+    with pytest.raises(ValueError, match="--corpus"):
+        ComparisonConfig(corpus="poems")
+    assert cli.main(["compare", "--corpus", "functions", "--data", "x"]) == 2
+    assert "--data replaces the built-in --corpus" in capsys.readouterr().err
+    assert "functions" in data.corpus_description()
+    assert "email" in data.corpus_description(corpus="unseen-packages")
+
+
+def test_finetune_packages_are_never_pretraining_text():
+    root = data.stdlib_directory()
+
+    def package(path):
+        return os.path.relpath(path, root).split(os.sep)[0]
+
+    tuned = data.stdlib_code_files(data.FINETUNE_PACKAGES, modules=False)
+    seen = data.stdlib_code_files()
+    assert {package(p) for p in tuned} == set(data.FINETUNE_PACKAGES)
+    assert not set(tuned) & set(seen)
+    assert not {package(p) for p in seen} & set(data.FINETUNE_PACKAGES)
+    assert "argparse.py" in {package(p) for p in seen}  # top-level modules
+    assert "asyncio" in {package(p) for p in seen}  # other packages
+    assert not any(
+        f"{os.sep}test{os.sep}" in p or f"{os.sep}tests{os.sep}" in p
+        for p in seen + tuned
+    )
+    # The shipped base's text starts with the documentation, and its code
+    # is none of the fine-tuning text.
+    broad = data.broad_documents(200_000)
+    assert sum(len(d.encode()) for d in broad) == 200_000
+    assert broad[0] == data.topics_documents()[0]
+    tuned_text = set(data.finetune_package_documents(None))
+    non_empty = [p for p in tuned if open(p, encoding="utf-8").read().strip()]
+    assert len(tuned_text) == len(non_empty)
+    # (Several packages' __init__.py hold only this one line.)
+    shared = tuned_text & set(data.broad_documents())
+    assert shared <= {"# This directory is a Python package.\n"}
 
 
 def test_windows_and_split():
@@ -305,6 +382,22 @@ def test_bad_sizes_are_clear_errors(capsys):
         ComparisonConfig(hidden_dim=30, num_heads=4)
     with pytest.raises(ValueError, match="isolation"):
         runner.run_comparison(ComparisonConfig.tiny(), ".", isolation="x")
+
+
+def test_base_choice_errors_name_the_flags(capsys):
+    assert cli.main(["compare", "--base", "scratch", "--preset", "x"]) == 2
+    assert "--base" in capsys.readouterr().err
+    assert cli.main(["compare", "--pretrain-steps", "5"]) == 2
+    assert "--base scratch" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="base"):
+        ComparisonConfig(base="elsewhere")
+    args = cli.build_parser().parse_args(
+        ["compare", "--base", "scratch", "--pretrain-steps", "5"]
+    )
+    config = command.config_from_args(args)
+    assert (config.base, config.pretrain_steps) == ("scratch", 5)
+    assert ComparisonConfig().base == "shipped"
+    assert ComparisonConfig.tiny().base == "scratch"
 
 
 def test_preset_recipe_follows_keras_io():
@@ -452,3 +545,23 @@ def test_bad_targets_and_ranks_are_clear_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--sweep", "--ranks", "4,x"])
     assert "--ranks" in capsys.readouterr().err
+
+
+def test_samples_never_start_with_end_of_text():
+    # End-of-text (id 3) is the likeliest token everywhere, then id 4.
+    sampler = training._sampler(top_k=1, seed=1, end_token_id=3)
+
+    def next_logits(prompt, cache, index):
+        ids = keras.ops.arange(8)
+        logits = keras.ops.where(
+            ids == 3, 10.0, keras.ops.where(ids == 4, 5.0, 0.0)
+        )
+        return keras.ops.tile(logits[None, :], (2, 1)), None, cache
+
+    prompt = np.array([[5, 6, 0, 0], [5, 0, 0, 0]], "int32")
+    out = sampler(next_logits, prompt, index=1, mask=prompt != 0)
+    # Each row's first new token is not end-of-text; later ones may be.
+    assert keras.ops.convert_to_numpy(out).tolist() == [
+        [5, 6, 4, 3],
+        [5, 4, 3, 3],
+    ]

@@ -63,5 +63,5 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
     results = json.loads((out / "comparison.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert results["base_info"]["source"] == "pretrained"
-    assert results["base"]["data_source"].startswith("standard library")
+    assert results["base"]["data_source"].startswith("requests for functions")
     assert list((tmp_path / "cache").iterdir())  # the base model is cached

@@ -1,18 +1,24 @@
-"""The base model: a small GPT-2 pre-trained offline, or a keras-hub preset.
+"""The base model the fine-tunes start from.
 
-`prepare_base(config, cache_dir)` returns the local keras-hub preset
-directory the fine-tunes start from:
+`prepare_base(config, cache_dir)` returns the keras-hub preset (a local
+directory or a keras-hub name) and facts about it:
 
 - with `config.preset` set, that preset (a keras-hub name such as
   `"gpt2_base_en"`, which keras-hub downloads, or a local directory);
-- otherwise the small offline model. A byte-level BPE is trained on the
-  pre-training text (`pydoc_data.topics`, see
-  `data.pretraining_documents`), a `GPT2Backbone`
-  of `config`'s size is pre-trained on the same text, and the
-  `GPT2CausalLM` (tokenizer included) is saved with `save_to_preset` under
-  `cache_dir/base-<config hash>`. Later runs with the same settings load it
-  from there. The directory is written atomically, so an interrupted run
-  leaves no half-written cache.
+- with `config.base == "shipped"` (the default), the small GPT-2 that
+  ships inside the package (`SHIPPED_PRESET`), pre-trained offline on
+  Python's documentation and most of its standard library's code by
+  `python -m keras_lora.comparison.shipped` (see `shipped.py`); nothing is
+  trained on the user's machine;
+- with `config.base == "scratch"`, a small GPT-2 of `config`'s size
+  pre-trained here: a byte-level BPE and the model are trained on
+  `pydoc_data.topics` (`data.pretraining_documents`) and the
+  `GPT2CausalLM` (tokenizer included) is saved with `save_to_preset`
+  under `cache_dir/base-<config hash>`. Later runs with the same settings
+  load it from there. The directory is written atomically, so an
+  interrupted run leaves no half-written cache.
+
+`pretrain` is the pre-training both small models use.
 """
 
 import json
@@ -24,7 +30,12 @@ from keras_lora.comparison import data, tokenizer
 from keras_lora.comparison.progress import TqdmCallback, status
 from keras_lora.files.atomic import atomic_write_dir
 
+# How a small base model was built (JSON, next to the preset's files).
 BASE_INFO_FILE = "keras_lora_base.json"
+SHIPPED_NAME = "gpt2_stdlib_1m"
+SHIPPED_PRESET = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "presets", SHIPPED_NAME
+)
 
 
 def default_cache_dir():
@@ -39,31 +50,61 @@ def prepare_base(config, cache_dir=None, progress=True):
     """The preset (directory or name) to fine-tune, and facts about it.
 
     Returns `(preset, info)`: `info` says where the base came from and, for
-    the offline model, how it was pre-trained (cached or not).
+    the small offline models, how it was pre-trained (shipped, cached or
+    trained this run).
     """
     if config.preset is not None:
         return resolve_preset(config.preset), {"source": "preset"}
+    if config.base == "shipped":
+        info = read_info(SHIPPED_PRESET, what="The shipped base model")
+        info["source"] = "shipped"
+        status(
+            f"base model: shipped with the package, {SHIPPED_PRESET}", progress
+        )
+        return SHIPPED_PRESET, info
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     directory = os.path.join(
         os.path.abspath(cache_dir), f"base-{config.base_key()}"
     )
-    info_path = os.path.join(directory, BASE_INFO_FILE)
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
+    if os.path.isfile(os.path.join(directory, BASE_INFO_FILE)):
+        info = read_info(directory, what="The cached base model")
         info["cached"] = True
         status(f"base model: cached at {directory}", progress)
         return directory, info
     info = {}
 
     def write(tmp):
-        info.update(pretrain_base(config, tmp, progress=progress))
-        with open(os.path.join(tmp, BASE_INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
+        documents = data.pretraining_documents(
+            config.pretrain_bytes, config.pretrain_code_bytes
+        )
+        info.update(
+            pretrain(config, documents, tmp, _corpus_name(config), progress)
+        )
+        write_info(tmp, info)
 
     atomic_write_dir(directory, write)
     info["cached"] = False
     return directory, info
+
+
+def read_info(directory, what="The base model"):
+    """The `BASE_INFO_FILE` of a small base model's preset directory."""
+    path = os.path.join(directory, BASE_INFO_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} is missing: '{path}' does not exist. Reinstall "
+            "keras-lora (the shipped base is package data), rebuild it with "
+            "`python -m keras_lora.comparison.shipped`, or pass --base "
+            "scratch to pre-train one here."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_info(directory, info):
+    with open(os.path.join(directory, BASE_INFO_FILE), "w") as f:
+        json.dump(info, f, indent=1)
+        f.write("\n")
 
 
 def resolve_preset(preset):
@@ -130,26 +171,39 @@ def build_causal_lm(config, gpt2_tokenizer):
     )
 
 
-def pretrain_base(config, directory, progress=True):
-    """Trains tokenizer and base model; saves the preset in `directory`.
+def pretrain(
+    config,
+    documents,
+    directory,
+    corpus,
+    progress=True,
+    eval_every=None,
+    weights_dtype=None,
+    held_out_windows=64,
+):
+    """Trains tokenizer and base model on `documents`; saves the preset.
 
     `config.pretrain_steps` steps of `pretrain_batch_size` windows drawn
-    in shuffled passes over the text, AdamW with warm-up and cosine decay
-    (as the fine-tunes), the last twentieth of the windows held out to
-    report how well the base model learned its text.
+    in shuffled passes over the text, AdamW with warm-up
+    (`pretrain_warmup_fraction`) and cosine decay (as the fine-tunes).
+    A twentieth of the windows (at most `held_out_windows`), drawn from
+    all over the text, is held out and never trained on; its loss is
+    measured every `eval_every` steps (and at the end) to show whether the
+    model has stopped learning. `weights_dtype` (e.g. `"float16"`) stores
+    the weights at that precision; the held-out loss is then measured
+    again on the model loaded back from `directory`, as users get it.
+
+    Returns a JSON-compatible dict of how the model was built.
     """
     import keras
 
     from keras_lora.comparison import training
 
     start = time.perf_counter()
-    documents = data.pretraining_documents(
-        config.pretrain_bytes, config.pretrain_code_bytes
-    )
     characters = sum(len(d) for d in documents)
     status(
         f"base model: training a {config.vocabulary_size}-token byte-level "
-        f"BPE on {_corpus_name(config)} ({characters:,} characters)",
+        f"BPE on {corpus} ({characters:,} characters)",
         progress,
     )
     with tempfile.TemporaryDirectory() as scratch:
@@ -163,15 +217,7 @@ def pretrain_base(config, directory, progress=True):
         train, held_out = data.split_windows(
             _shuffled(data.windows(token_ids, config.sequence_length)),
             validation_fraction=0.05,
-            max_validation_windows=64,
-        )
-        x, y = data.as_inputs(
-            data.training_windows(
-                train,
-                config.pretrain_steps,
-                config.pretrain_batch_size,
-                config.seed,
-            )
+            max_validation_windows=held_out_windows,
         )
         model = training.training_model(causal_lm)
         training.compile_for_training(
@@ -179,59 +225,127 @@ def pretrain_base(config, directory, progress=True):
             learning_rate=training.cosine_schedule(
                 config.pretrain_learning_rate,
                 config.pretrain_steps,
-                config.warmup_fraction,
+                config.pretrain_warmup_fraction,
             ),
             weight_decay=config.weight_decay,
             epsilon=config.epsilon,
             clipnorm=config.clipnorm,
         )
-        losses = training.LossHistory()
-        callbacks = [losses]
-        if progress:
-            callbacks.append(
-                TqdmCallback(config.pretrain_steps, "pre-training base")
-            )
         train_start = time.perf_counter()
-        model.fit(
-            x,
-            y,
-            batch_size=config.pretrain_batch_size,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks,
+        losses, curve = _fit_in_chunks(
+            model, train, held_out, config, eval_every, progress
         )
         train_seconds = time.perf_counter() - train_start
-        held_out_loss = training.evaluate_loss(
-            model, held_out, config.pretrain_batch_size
-        )
+        held_out_loss = curve[-1][1]
         status(
-            f"base model: held-out pre-training loss "
-            f"{held_out_loss['loss']:.3f}",
+            f"base model: held-out pre-training loss {held_out_loss:.3f}",
             progress,
         )
-        causal_lm.save_to_preset(directory)
-    return {
+        save_preset(causal_lm, directory, weights_dtype)
+    info = {
         "source": "pretrained",
-        "corpus": _corpus_name(config),
+        "corpus": corpus,
         "corpus_characters": characters,
         "tokens": int(len(token_ids)),
+        "vocabulary_size": int(gpt2_tokenizer.vocabulary_size()),
+        "parameters": int(causal_lm.count_params()),
         "steps": config.pretrain_steps,
         "epochs": config.pretrain_steps
         * config.pretrain_batch_size
         / max(1, len(train)),
-        "final_loss": losses.losses[-1],
-        "held_out_loss": held_out_loss["loss"],
-        "loss_curve": losses.losses,
+        "held_out_windows": int(len(held_out)),
+        "final_loss": losses[-1],
+        "held_out_loss": held_out_loss,
+        "held_out_curve": curve,
+        "loss_curve": losses,
         "tokenizer_seconds": tokenizer_seconds,
         "pretrain_seconds": train_seconds,
         "backend": keras.backend.backend(),
     }
+    if weights_dtype is not None:
+        reloaded = training.compile_for_evaluation(
+            training.training_model(
+                load_causal_lm(directory, config.sequence_length)
+            )
+        )
+        info["weights_dtype"] = weights_dtype
+        info["held_out_loss_float32"] = held_out_loss
+        info["held_out_loss"] = training.evaluate_loss(
+            reloaded, held_out, config.pretrain_batch_size
+        )["loss"]
+    return info
+
+
+def _fit_in_chunks(model, train, held_out, config, eval_every, progress):
+    """Trains `config.pretrain_steps` steps, `eval_every` at a time.
+
+    Returns the training loss of every step and `[step, held-out loss]`
+    after each chunk. The optimizer (and its schedule) carries on from one
+    `fit` call to the next.
+    """
+    from keras_lora.comparison import training
+
+    steps, batch_size = config.pretrain_steps, config.pretrain_batch_size
+    x, y = data.as_inputs(
+        data.training_windows(train, steps, batch_size, config.seed)
+    )
+    chunk = steps if eval_every is None else eval_every
+    history = training.LossHistory()
+    callbacks = [history]
+    bar = None
+    if progress:
+        bar = TqdmCallback(steps, "pre-training base", keep_open=True)
+        callbacks.append(bar)
+    losses, curve = [], []
+    try:
+        for begin in range(0, steps, chunk):
+            end = min(steps, begin + chunk)
+            rows = slice(begin * batch_size, end * batch_size)
+            model.fit(
+                {name: value[rows] for name, value in x.items()},
+                y[rows],
+                batch_size=batch_size,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+                callbacks=callbacks,
+            )
+            losses += history.losses
+            loss = training.evaluate_loss(model, held_out, batch_size)
+            curve.append([end, loss["loss"]])
+            if bar is not None and end < steps:
+                bar.write(f"  step {end}: held-out loss {loss['loss']:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return losses, curve
+
+
+def save_preset(causal_lm, directory, weights_dtype=None):
+    """`causal_lm.save_to_preset(directory)`, weights in `weights_dtype`.
+
+    keras-hub loads a preset saved in a lower float precision into the
+    current Keras dtype policy (float32 by default), as it does for its
+    own bfloat16 presets; only the file is smaller.
+    """
+    if weights_dtype is None:
+        causal_lm.save_to_preset(directory)
+        return
+    import keras_hub
+
+    backbone = causal_lm.backbone
+    copy = type(backbone).from_config(
+        dict(backbone.get_config(), dtype=weights_dtype)
+    )
+    copy.set_weights(backbone.get_weights())  # cast on assignment
+    keras_hub.models.GPT2CausalLM(
+        backbone=copy, preprocessor=causal_lm.preprocessor
+    ).save_to_preset(directory)
 
 
 def _corpus_name(config):
     if config.pretrain_code_bytes:
-        return "pydoc_data.topics + standard-library package code"
+        return "pydoc_data.topics + standard-library code"
     return "pydoc_data.topics"
 
 

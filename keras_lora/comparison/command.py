@@ -1,7 +1,8 @@
 """`keras-lora compare`: GPT-2 LoRA versus full fine-tuning, from the shell.
 
-keras-lora compare                         # offline default, ~5 min CPU
+keras-lora compare                         # offline default, minutes on CPU
 keras-lora compare --tiny                  # seconds, a smoke test
+keras-lora compare --base scratch          # pre-train the base here first
 keras-lora compare --targets all-linear --rank 8
 keras-lora compare --lr-sweep              # how the default rates were chosen
 keras-lora compare --sweep                 # loss vs parameters, ranks/targets
@@ -13,7 +14,8 @@ import argparse
 import os
 import sys
 
-from keras_lora.comparison.config import TARGETS, ComparisonConfig
+from keras_lora.comparison.config import BASES, TARGETS, ComparisonConfig
+from keras_lora.comparison.data import CORPORA
 
 # Ranks `--sweep` tries by default (also `sweep.DEFAULT_RANKS`).
 DEFAULT_RANKS = (1, 2, 4, 8, 16)
@@ -40,10 +42,13 @@ def register(subparsers):
         "and LoRA (rank 4 on the attention query/value projections by "
         "default) - and reports parameters, file sizes, step time, memory, "
         "validation loss on the same held-out text and samples as a "
-        "table, JSON and PNG plots. Offline by default: a small GPT-2 is "
-        "pre-trained on pydoc_data.topics (cached) and fine-tuned on the "
-        "Python standard library's source code. --lr-sweep and --sweep "
-        "run many fine-tunes instead (learning rates; ranks and targets).",
+        "table, JSON and PNG plots. Offline by default: the small GPT-2 "
+        "shipped with the package (pre-trained on Python's documentation "
+        "and most of its standard library) learns a task over the code it "
+        "read: answering '### Source of `json.dumps`' with the function "
+        "(--corpus unseen-packages: code it never read instead). "
+        "--lr-sweep and --sweep run many fine-tunes instead (learning "
+        "rates; ranks and targets).",
     )
     what = parser.add_argument_group("what to compare")
     what.add_argument(
@@ -58,9 +63,25 @@ def register(subparsers):
         "recipe. Default: the small offline model",
     )
     what.add_argument(
+        "--base",
+        choices=BASES,
+        help="without --preset: the small GPT-2 shipped with the package, "
+        "or one pre-trained here on pydoc_data.topics first (a few "
+        "minutes, then cached; see --pretrain-steps). Default: shipped",
+    )
+    what.add_argument(
+        "--corpus",
+        choices=CORPORA,
+        help="the built-in fine-tuning text: 'functions' (a task over code "
+        "the base read: '### Source of `json.dumps`' answered by the "
+        "function) or 'unseen-packages' (standard-library packages the "
+        "base never read, as plain code: new knowledge). Default: "
+        "functions",
+    )
+    what.add_argument(
         "--data",
-        help="fine-tuning text: a file or a directory of text files "
-        "(default: the Python standard library's .py sources)",
+        help="fine-tuning text instead of --corpus: a file or a directory "
+        "of text files",
     )
     what.add_argument(
         "--targets",
@@ -104,7 +125,12 @@ def register(subparsers):
         ("--full-lr", "full_learning_rate", float, "full fine-tune LR"),
         ("--lora-lr", "lora_learning_rate", float, "LoRA learning rate"),
         ("--data-bytes", "data_bytes", int, "bytes of fine-tuning text"),
-        ("--pretrain-steps", "pretrain_steps", int, "base pre-training"),
+        (
+            "--pretrain-steps",
+            "pretrain_steps",
+            int,
+            "pre-training with --base scratch",
+        ),
         ("--seed", "seed", int, "random seed"),
     ):
         metavar = flag[2:].upper().replace("-", "_")
@@ -174,6 +200,8 @@ _OVERRIDES = (
     "seed",
     "prompts",
     "targets",
+    "base",
+    "corpus",
 )
 
 
@@ -192,7 +220,28 @@ _TINY_RUN_FIELDS = (
 
 def config_from_args(args):
     """The `ComparisonConfig` the parsed arguments ask for."""
+    if args.preset is not None and args.base is not None:
+        raise ValueError(
+            "--base chooses the small offline model; it cannot be combined "
+            "with --preset. Leave one of them out."
+        )
+    if args.data is not None and args.corpus is not None:
+        raise ValueError(
+            "--data replaces the built-in --corpus; pass one of them."
+        )
+    config = _config(args)
+    if args.pretrain_steps is not None and (
+        config.preset is not None or config.base != "scratch"
+    ):
+        raise ValueError(
+            "--pretrain-steps applies to a base pre-trained here: add "
+            "--base scratch (the shipped base is already trained; it is "
+            "rebuilt with `python -m keras_lora.comparison.shipped`)."
+        )
+    return config
 
+
+def _config(args):
     overrides = {
         name: getattr(args, name)
         for name in _OVERRIDES

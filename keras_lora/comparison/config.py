@@ -2,13 +2,18 @@
 
 Three starting points:
 
-- `ComparisonConfig()`: the offline default. A small GPT-2 pre-trained on
-  `pydoc_data.topics` (cached), then fine-tuned on the standard library's
-  source code. Sized so the whole first run
-  (tokenizer, pre-training, both fine-tunes) takes about five minutes on a
-  2-core CPU; the learning rates come from `keras-lora compare --lr-sweep`
-  (see `LEARNING_RATE_GRID`).
-- `ComparisonConfig.tiny()`: seconds-long, for tests and smoke runs.
+- `ComparisonConfig()`: the offline default. The small GPT-2 shipped
+  inside the package (`shipped.py`: pre-trained offline on Python's
+  documentation and most of its standard library's code), fine-tuned on a
+  task over that code: answering ``### Source of `json.dumps` `` with the
+  function (`data.function_documents`). `corpus="unseen-packages"`
+  fine-tunes on code it never read instead (`data.FINETUNE_PACKAGES`).
+  Sized so the whole first run takes a few minutes on a 2-core CPU; the
+  learning rates come from `keras-lora compare --lr-sweep` (see
+  `LEARNING_RATE_GRID`). `base="scratch"` pre-trains a small GPT-2 on
+  `pydoc_data.topics` instead (a few minutes, cached).
+- `ComparisonConfig.tiny()`: seconds-long, for tests and smoke runs (a
+  from-scratch toy base).
 - `ComparisonConfig.for_preset(name)`: a real keras-hub preset with the
   keras.io GPT-2 LoRA recipe (see `PRESET_RECIPE`).
 """
@@ -16,6 +21,8 @@ Three starting points:
 import dataclasses
 import hashlib
 import json
+
+from keras_lora.comparison.data import CORPORA, FUNCTION_REQUEST
 
 # The keras.io example "Parameter-efficient fine-tuning of GPT-2 with LoRA"
 # (examples/nlp/parameter_efficient_finetuning_of_gpt2_with_lora.py in
@@ -41,18 +48,34 @@ PRESET_RECIPE = dict(
 # feed-forward layers).
 TARGETS = ("query_value", "all-linear")
 
+# Where the base model comes from without `preset`: the small GPT-2
+# shipped inside the package, or one pre-trained here (and cached).
+BASES = ("shipped", "scratch")
+
 # The learning rates `keras-lora compare --lr-sweep` tries for each method
 # (same data, steps and schedule as the default run).
 LEARNING_RATE_GRID = {
-    "full": (1e-3, 2e-3, 4e-3),
-    "lora": (1e-2, 3e-2, 6e-2),
+    "full": (1e-3, 3e-3, 6e-3),
+    "lora": (1e-2, 3e-2, 6e-2, 1e-1),
 }
 
-DEFAULT_PROMPTS = (
+# Sample prompts for plain code (`--corpus unseen-packages`, `--data`).
+CODE_PROMPTS = (
     "def ",
     "import os\n",
     "class ",
     "    for ",
+)
+# Sample prompts for the default corpus: requests in its format, for
+# functions the base read (`data.function_documents`).
+FUNCTION_PROMPTS = tuple(
+    FUNCTION_REQUEST.format(name=name)
+    for name in (
+        "textwrap.dedent",
+        "json.dumps",
+        "shutil.copyfile",
+        "os.makedirs",
+    )
 )
 
 # Fields that decide the cached base model (tokenizer + pre-training).
@@ -69,14 +92,14 @@ _BASE_FIELDS = (
     "pretrain_steps",
     "pretrain_batch_size",
     "pretrain_learning_rate",
-    "warmup_fraction",
+    "pretrain_warmup_fraction",
     "weight_decay",
     "epsilon",
     "clipnorm",
     "seed",
 )
 # Bump when the pre-training code changes what it produces.
-BASE_FORMAT_VERSION = 3
+BASE_FORMAT_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +107,34 @@ class ComparisonConfig:
     """Settings of one LoRA-versus-full-fine-tuning comparison.
 
     Args:
-        preset: `None` (build and pre-train the small offline base model),
-            a keras-hub preset name (`"gpt2_base_en"`, downloaded by
+        preset: `None` (the small offline base model, see `base`), a
+            keras-hub preset name (`"gpt2_base_en"`, downloaded by
             keras-hub) or a local preset directory.
+        base: without `preset`: `"shipped"` (the pre-trained GPT-2 that
+            ships inside the package, see `shipped.py`) or `"scratch"`
+            (pre-train one of the sizes below on `pydoc_data.topics` on
+            first use, then cached).
         vocabulary_size, num_layers, num_heads, hidden_dim,
-        intermediate_dim, dropout: the small `GPT2Backbone` (ignored with
-            `preset`).
+        intermediate_dim, dropout: the small `GPT2Backbone` pre-trained
+            from scratch (`base="scratch"`, and the shipped base's build).
         sequence_length: tokens per training window.
         pretrain_bytes: bytes of `pydoc_data.topics` to pre-train on
-            (`None`: all of it, about 465 KB).
-        pretrain_code_bytes: bytes of code from the standard library's
-            packages to add to the pre-training text (default 0: prose
-            only; never the top-level modules the fine-tunes train and
-            validate on).
-        pretrain_steps, pretrain_batch_size, pretrain_learning_rate:
-            pre-training of the small base model (the same AdamW and
-            schedule shape as the fine-tunes).
-        data: fine-tuning text: `None` (the Python standard library's own
-            `.py` sources) or a text file or a directory of text files.
+            (`None`: all of it, about 465 KB; `base="scratch"`).
+        pretrain_code_bytes: bytes of the standard library's code to add
+            to the scratch pre-training text (default 0: prose only; never
+            the packages the fine-tunes train and validate on).
+        pretrain_steps, pretrain_batch_size, pretrain_learning_rate,
+        pretrain_warmup_fraction: pre-training from scratch (the same
+            AdamW and schedule shape as the fine-tunes).
+        corpus: the built-in fine-tuning text when `data` is `None`:
+            `"functions"` (a task over code the shipped base read:
+            requests such as ``### Source of `json.dumps` `` answered by
+            the function's source, `data.function_documents`) or
+            `"unseen-packages"` (the standard-library packages no base
+            model read, as plain code: new knowledge,
+            `data.FINETUNE_PACKAGES`).
+        data: fine-tuning text instead of `corpus`: a text file or a
+            directory of text files.
         data_bytes: at most this many bytes of fine-tuning text are read.
         validation_fraction: share of the token windows held out.
         max_validation_windows: at most this many windows are evaluated.
@@ -115,7 +148,9 @@ class ComparisonConfig:
         targets: `"query_value"` (the attention query and value
             projections) or `"all-linear"` (every linear layer of the
             blocks).
-        prompts: prompts for the generated samples.
+        prompts: prompts for the generated samples (default: requests
+            in the `"functions"` format, `FUNCTION_PROMPTS`, or the
+            starts of code lines, `CODE_PROMPTS`, for other text).
         generate_length: total tokens per sample (prompt included).
         sample_top_k, sample_seed: samples are drawn from the `top_k`
             most likely tokens with this fixed seed (`sample_top_k=1`:
@@ -126,6 +161,7 @@ class ComparisonConfig:
     """
 
     preset: str = None
+    base: str = "shipped"
     vocabulary_size: int = 2048
     num_layers: int = 4
     num_heads: int = 4
@@ -138,14 +174,16 @@ class ComparisonConfig:
     pretrain_steps: int = 400
     pretrain_batch_size: int = 16
     pretrain_learning_rate: float = 5e-3
+    pretrain_warmup_fraction: float = 0.1
+    corpus: str = "functions"
     data: str = None
     data_bytes: int = 1_000_000
     validation_fraction: float = 0.1
     max_validation_windows: int = 96
     steps: int = 150
     batch_size: int = 16
-    full_learning_rate: float = 2e-3
-    lora_learning_rate: float = 3e-2
+    full_learning_rate: float = 3e-3
+    lora_learning_rate: float = 6e-2
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
     epsilon: float = 1e-6
@@ -153,7 +191,7 @@ class ComparisonConfig:
     rank: int = 4
     alpha: float = 8.0
     targets: str = "query_value"
-    prompts: tuple = DEFAULT_PROMPTS
+    prompts: tuple = None
     generate_length: int = 48
     sample_top_k: int = 10
     sample_seed: int = 1
@@ -161,6 +199,10 @@ class ComparisonConfig:
     smoke_test: bool = False
 
     def __post_init__(self):
+        if self.prompts is None:
+            code = self.data is not None or self.corpus != "functions"
+            prompts = CODE_PROMPTS if code else FUNCTION_PROMPTS
+            object.__setattr__(self, "prompts", prompts)
         object.__setattr__(self, "prompts", tuple(self.prompts))
         for name in (
             "vocabulary_size",
@@ -200,10 +242,21 @@ class ComparisonConfig:
                 "ComparisonConfig: `validation_fraction` must be between 0 "
                 f"and 1 (exclusive), got {self.validation_fraction}."
             )
-        if not 0.0 <= self.warmup_fraction < 1.0:
+        for name in ("warmup_fraction", "pretrain_warmup_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"ComparisonConfig: `{name}` must be in [0, 1), got "
+                    f"{getattr(self, name)}."
+                )
+        if self.corpus not in CORPORA:
             raise ValueError(
-                "ComparisonConfig: `warmup_fraction` must be in [0, 1), got "
-                f"{self.warmup_fraction}."
+                f"ComparisonConfig: `corpus` must be one of {CORPORA} "
+                f"(--corpus), got {self.corpus!r}."
+            )
+        if self.base not in BASES:
+            raise ValueError(
+                f"ComparisonConfig: `base` must be one of {BASES} (--base), "
+                f"got {self.base!r}."
             )
         if self.hidden_dim % self.num_heads:
             raise ValueError(
@@ -258,6 +311,7 @@ class ComparisonConfig:
             batch_size=4,
             prompts=("def ", "import "),
             generate_length=8,
+            base="scratch",
             smoke_test=True,
         )
         settings.update(overrides)

@@ -20,16 +20,22 @@ class TqdmCallback(keras.callbacks.Callback):
     notebook stays short.
     """
 
-    def __init__(self, total_steps, description, mininterval=2.0):
+    def __init__(
+        self, total_steps, description, mininterval=2.0, keep_open=False
+    ):
         super().__init__()
         self.total_steps = total_steps
         self.description = description
         self.mininterval = mininterval
+        # keep_open: one bar across several `fit` calls; `close()` ends it.
+        self.keep_open = keep_open
         self._bar = None
 
     def on_train_begin(self, logs=None):
         from tqdm import tqdm
 
+        if self._bar is not None:
+            return
         self._bar = tqdm(
             total=self.total_steps,
             desc=self.description,
@@ -48,6 +54,17 @@ class TqdmCallback(keras.callbacks.Callback):
         self._bar.update(1)
 
     def on_train_end(self, logs=None):
+        if not self.keep_open:
+            self.close()
+
+    def write(self, message):
+        """A line above the bar (or plain, when no bar is open)."""
+        if self._bar is None:
+            print(message, flush=True)
+        else:
+            self._bar.write(message, file=sys.stdout)
+
+    def close(self):
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -249,7 +249,14 @@ def format_table(results):
         f"{config['full_learning_rate']:g}, LoRA "
         f"{config['lora_learning_rate']:g} (warm-up, cosine decay)"
     )
-    out = [header, ""] + lines + [""] + _checks_lines(s)
+    base = results["base"]
+    data_line = (
+        f"fine-tuning text: {base['data_source']}; "
+        f"{base['train_windows']:,} training windows, the same "
+        f"{base['validation_windows']} held-out windows (the end of the "
+        "text) evaluate the base and both tuned models"
+    )
+    out = [header, data_line, ""] + lines + [""] + _checks_lines(s)
     out += ["", _samples_title(config)]
     for index, prompt in enumerate(config["prompts"]):
         out.append(f"  prompt {prompt!r}")
@@ -298,6 +305,12 @@ def _base_line(results):
     info = results["base_info"]
     if info.get("source") == "preset":
         return f"preset {results['preset']}"
+    if info.get("source") == "shipped":
+        return (
+            f"shipped with the package ({info['steps']} steps on "
+            f"{info['corpus']}, held-out loss {info['held_out_loss']:.3f}; "
+            f"not trained by this run) at {results['preset']}"
+        )
     cached = "cached" if info.get("cached") else "pre-trained this run"
     held_out = info.get("held_out_loss")
     learned = "" if held_out is None else f", held-out loss {held_out:.3f}"

@@ -5,13 +5,16 @@
 
 Steps:
 
-1. The base model (`base_model.prepare_base`): the cached small GPT-2
-   pre-trained on `pydoc_data.topics` (trained on the first run), or a
-   keras-hub preset.
-2. The fine-tuning corpus (standard-library source code, or the user's text)
-   is tokenized with the base model's tokenizer and cut into windows; the
-   end of the stream is held out for validation. The base model's
-   validation loss and samples are measured here, once.
+1. The base model (`base_model.prepare_base`): the small GPT-2 shipped
+   with the package (pre-trained offline on Python's documentation and
+   most of its standard library), one pre-trained here (`--base scratch`,
+   cached), or a keras-hub preset.
+2. The fine-tuning corpus (by default requests for standard-library
+   functions the base read, answered by their source; or the packages it
+   never read; or the user's text, see `data`) is tokenized with
+   the base model's tokenizer and cut into windows; the end of the stream
+   is held out for validation. The base model's validation loss and
+   samples are measured here, once.
 3. Full fine-tuning, then LoRA, each by `phase.run_phase` - in a fresh
    worker process by default (`isolation="subprocess"`), so each phase's
    peak memory is measured on its own; `isolation="in-process"` runs them
@@ -165,8 +168,10 @@ def prepare_data_and_base(
             f"base model's max_sequence_length ({longest}); pass "
             f"--sequence-length {longest} or less."
         )
-    documents = data.finetuning_documents(config.data, config.data_bytes)
-    source = config.data or f"standard library ({data.stdlib_directory()})"
+    documents = data.finetuning_documents(
+        config.data, config.data_bytes, config.corpus
+    )
+    source = data.corpus_description(config.data, config.corpus)
     status(
         f"data: {len(documents)} documents, "
         f"{sum(len(d) for d in documents):,} characters from {source}",

@@ -123,18 +123,16 @@ def generate_samples(causal_lm, prompts, max_length, top_k=10, seed=1):
 
     Tokens are drawn from the `top_k` most likely ones (keras-hub's
     `TopKSampler`) with a fixed `seed`, so a run's samples are repeatable;
-    `top_k=1` is greedy decoding. The start token is not prepended:
-    training windows start anywhere in the text, so a prompt at position 0
-    is what the model has seen.
+    `top_k=1` is greedy decoding. End-of-text is never the first token
+    drawn (as `min_new_tokens=1` in other libraries), so no sample is
+    empty by a single unlucky draw; it still ends a sample later. The
+    start token is not prepended: training windows start anywhere in the
+    text, so a prompt at position 0 is what the model has seen.
     """
-    import keras_hub
-
-    if top_k == 1:
-        sampler = "greedy"
-    else:
-        sampler = keras_hub.samplers.TopKSampler(k=top_k, seed=seed)
-    causal_lm.compile(sampler=sampler)
     preprocessor = causal_lm.preprocessor
+    causal_lm.compile(
+        sampler=_sampler(top_k, seed, preprocessor.tokenizer.end_token_id)
+    )
     previous = preprocessor.add_start_token
     preprocessor.add_start_token = False
     try:
@@ -149,6 +147,34 @@ def generate_samples(causal_lm, prompts, max_length, top_k=10, seed=1):
         {"prompt": prompt, "completion": _text(out)}
         for prompt, out in zip(prompts, outputs, strict=True)
     ]
+
+
+def _sampler(top_k, seed, end_token_id):
+    """keras-hub's `TopKSampler` that never draws `end_token_id` first."""
+    import keras_hub
+    from keras import ops
+
+    class NonEmptyTopKSampler(keras_hub.samplers.TopKSampler):
+        def __call__(self, next, prompt, cache=None, index=0, mask=None, **kw):
+            # keras-hub passes the prompt's padding mask: a row's first
+            # new token goes at its prompt length.
+            first = ops.sum(ops.cast(mask, "int32"), axis=-1)
+
+            def next_without_empty(prompt, cache, index):
+                logits, hidden_states, cache = next(prompt, cache, index)
+                vocabulary = ops.arange(ops.shape(logits)[-1])
+                banned = ops.logical_and(
+                    ops.equal(first, index)[:, None],
+                    ops.equal(vocabulary, end_token_id)[None, :],
+                )
+                logits = ops.where(banned, ops.cast(-1e9, logits.dtype), logits)
+                return logits, hidden_states, cache
+
+            return super().__call__(
+                next_without_empty, prompt, cache, index, mask, **kw
+            )
+
+    return NonEmptyTopKSampler(k=top_k, seed=seed)
 
 
 def _text(value):
