@@ -565,3 +565,9 @@ def test_samples_never_start_with_end_of_text():
         [5, 6, 4, 3],
         [5, 4, 3, 3],
     ]
+
+
+def test_no_readable_function_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(data, "stdlib_code_files", lambda: [])
+    with pytest.raises(ValueError, match="--data FILE_OR_DIR or --corpus"):
+        data.function_documents(1000)
