@@ -47,6 +47,14 @@ TARGETS = {
         "peft": ["c_attn", "c_proj", "c_fc"],
     },
 }
+# The QLoRA configuration for a tied-embedding model: every linear layer
+# of the blocks and the token embedding (whose reverse projection gives
+# the logits; on an int8 base it must be adapted for gradients to reach
+# the blocks, see keras_lora's LoraEmbedding).
+TARGETS["all_linear_embedding"] = {
+    "keras": TARGETS["all_linear"]["keras"] + ["token_embedding"],
+    "peft": TARGETS["all_linear"]["peft"] + ["wte"],
+}
 WORKLOADS = {
     "w1": {
         "label": "W1 gpt2-mini",

@@ -3,7 +3,8 @@
 One Keras backend per process. The model is the W2 shape of
 `benchmarks.gpt2_variants` (keras-hub `GPT2CausalLM`, 12 layers, hidden
 768, vocabulary 50257, sequence 128, batch 4; LoRA rank 4 on every
-linear layer of the blocks). Its base is left in float32 or quantized by
+linear layer of the blocks and on the tied token embedding:
+`QLORA_TARGETS`). Its base is left in float32 or quantized by
 Keras (`model.quantize("int8" | "int4")`, before LoRA is added, as in
 Keras's QLoRA recipe), and LoRA comes from keras_lora (`kl.apply_lora`)
 or from Keras's built-in `enable_lora` on the same quantized base (the
@@ -55,8 +56,21 @@ TARGETS_MET = {
         "process before the model was built",
     ),
 }
+# LoRA targets on the W2 shape: every linear layer of the blocks and the
+# tied token embedding (`gpt2_variants.TARGETS["all_linear_embedding"]`),
+# the configuration that trains on every base: on an int8 base the tied
+# logits pass no gradient below them unless the embedding is adapted.
+QLORA_TARGETS = "all_linear_embedding"
 FULL = dict(training.FULL)
 QUICK = dict(training.QUICK)
+
+
+def workload(shape_key):
+    """The model shape of `--shape` (w2: with `QLORA_TARGETS`)."""
+    shape = dict(WORKLOADS[shape_key])
+    if shape_key == "w2":
+        shape["targets"] = QLORA_TARGETS
+    return shape
 
 
 def variant_name(mode, implementation):
@@ -202,7 +216,7 @@ def run(
     settings, modes, implementations, child_argv, shape_key="w2", log=print
 ):
     backend = keras.backend.backend()
-    shape = dict(WORKLOADS[shape_key])
+    shape = workload(shape_key)
     result = {
         "benchmark": "quantized",
         "backend": backend,
@@ -275,7 +289,10 @@ def render_markdown(results, command):
         f"{settings['rank']} on {', '.join(settings['targets'])}. Base: "
         f"{settings['quantization']}. `keras_lora`: `kl.apply_lora`; "
         "`builtin`: Keras's `backbone.enable_lora(4, target_layer_names=...)`"
-        " on the same base. Adam, `kl.losses.TokenCrossEntropy`, "
+        " on the same base (Keras's int8 and int4 reverse projections "
+        "leave its embedding adapter out of the logits, and its int8 one "
+        "passes no gradient below them). Adam, "
+        "`kl.losses.TokenCrossEntropy`, "
         "`model.train_on_batch`. Compilation: "
         + "; ".join(
             f"{r['backend']}: {r['settings']['keras_compile']}" for r in results
@@ -467,7 +484,7 @@ def main(argv=None):
             )
         backend = keras.backend.backend()
         training.warm_up_runtime(backend, settings, log=log)
-        shape = dict(WORKLOADS[args.shape])
+        shape = workload(args.shape)
         info = measure(mode, implementation, shape, settings, backend, log)
         common.write_json(args.out, info)
         return 0

@@ -335,46 +335,63 @@ def test_operations_on_quantized_models_are_all_or_nothing(mode):
     assert run_with_faults(lambda: kl.unmerge_adapters(model), model, x) > 0
 
 
-def _tied_head(quantized):
-    """Dense -> the reverse projection of a tied embedding, LoRA on both;
-    int8 if `quantized`, else the dequantized int8 table in float32."""
+def _tied_head(mode):
+    """Dense -> the reverse projection of a tied embedding, LoRA on both,
+    the embedding quantized with `mode` ("int8"/"int4")."""
+    return _tied_head_like(mode, None)
+
+
+def _tied_head_like(mode, like):
+    """`_tied_head(mode)`, or for `mode=None` the same in float32 with
+    the table `_tied_head(like)` dequantizes."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4, 8))
     h = keras.layers.Dense(8, name="pre")(inputs)
     embedding = keras.layers.ReversibleEmbedding(VOCAB, 8, name="tok")
     embedding.build()
     model = keras.Model(inputs, embedding(h, reverse=True))
-    table = None
-    if quantized:
-        model.quantize("int8")
+    if mode is not None:
+        embedding.quantize(mode)  # only the table: "pre" stays exact
     else:
-        quantized = _tied_head(True)[1].get_layer("tok").base_layer
-        table = to_numpy(quantized(np.arange(VOCAB)))  # dequantized
-        embedding.embeddings.assign(table)
+        quantized = _tied_head(like).get_layer("tok").base_layer
+        embedding.embeddings.assign(to_numpy(quantized(np.arange(VOCAB))))
     kl.apply_lora(model, kl.LoraConfig(rank=2, target_modules=["pre", "tok"]))
     for i, layer in enumerate(kl.lora_layers(model)):
         _randomize(layer, seed=i)
-    return table, model
+    return model
 
 
-def test_int8_tied_logits_pass_gradients_to_the_layers_below():
-    """Keras's int8 reverse projection rounds its input without a gradient
-    for it; keras_lora's embedding layer supplies it (that of the
-    dequantized table), so layers below the logits train."""
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rows", [None, 5])
+def test_quantized_tied_logits_pass_the_dequantized_tables_gradient(
+    mode, rows, monkeypatch
+):
+    """The input gradient of a quantized tied reverse projection is that
+    of `h @ E^T`, `E` the dequantized table, read in blocks of rows in the
+    backward pass (`rows=5`: 12 ids = two blocks and a remainder). Keras's
+    int8 (and per-channel int4) reverse projection rounds its input
+    without a gradient for it; its grouped int4 one would keep the whole
+    dequantized table alive until the backward pass."""
+    from keras_lora.layers import embedding
+
+    if rows is not None:
+        monkeypatch.setattr(embedding, "_BLOCK_FLOATS", rows * 8)
     x = RNG.normal(size=(2, 4, 8)).astype("float32")
-    table, reference = _tied_head(False)
-    _, model = _tied_head(True)
-    want = gradients(reference, x)
-    got = gradients(model, x)
+    want = gradients(_tied_head_like(None, mode), x)
+    got = gradients(_tied_head(mode), x)
     for g, w in zip(got, want, strict=True):
         assert np.abs(g).max() > 0
-        # Equal up to the forward's activation rounding (int8 inputs).
-        np.testing.assert_allclose(g, w, rtol=0.02, atol=0.02 * np.abs(w).max())
+        # int8: equal up to the forward's activation rounding (int8
+        # inputs); int4: to float32 rounding.
+        tolerance = 0.005 if mode == "int8" else 1e-5
+        np.testing.assert_allclose(
+            g, w, rtol=tolerance, atol=tolerance * np.abs(w).max()
+        )
 
 
 def test_apply_lora_warns_about_an_unadapted_int8_tied_embedding():
-    _, model = _tied_head(True)
-    other = _tied_head(True)[1]
+    model = _tied_head("int8")
+    other = _tied_head("int8")
     kl.unload(other)
     with pytest.warns(UserWarning, match="int8 ReversibleEmbedding tied"):
         kl.apply_lora(other, kl.LoraConfig(rank=2, target_modules=["pre"]))

@@ -203,10 +203,8 @@ class LoraEmbedding(LoraLayer):
         if not self._reverse:
             return self.base_layer(inputs)
         base = self.base_layer
-        if quantization.quantization_mode(base) == "int8" and (
-            base.logit_soft_cap is None
-        ):
-            return _int8_reverse(base, inputs)
+        if quantization.is_quantized(base) and base.logit_soft_cap is None:
+            return _quantized_reverse(base, inputs)
         return base(inputs, reverse=True)
 
     def compute_mask(self, inputs, mask=None):
@@ -247,25 +245,57 @@ class LoraEmbedding(LoraLayer):
                 )
 
 
-def _int8_reverse(base, inputs):
-    """The base's own int8 reverse call, with the gradient it lacks.
+# Rows of the dequantized table read at a time in the backward pass of a
+# quantized tied reverse projection (16 MiB of float32 at width 768).
+_BLOCK_FLOATS = 2**22
 
-    Keras's int8 `ReversibleEmbedding` rounds its input (activation
-    quantization) and gives that no gradient, so no gradient reaches
-    anything below the tied logits: with the LM head tied to an int8
-    embedding, no adapter in the blocks would learn. The forward is Keras's
-    call unchanged; the input's gradient is that of `h @ E^T`, with `E`
-    the dequantized table read by Keras's own lookup of every id (in the
-    backward pass only).
+
+def _quantized_reverse(base, inputs):
+    """The quantized base's own tied reverse call (the logits), with a
+    backward pass that never holds the dequantized table whole.
+
+    The forward is Keras's call unchanged. The input's gradient is that of
+    `h @ E^T`, `E` the dequantized table, accumulated over blocks of rows
+    that Keras's own lookup dequantizes (`base(ids)`, so keras_lora never
+    re-implements dequantization), one block at a time:
+
+    - int8: Keras's reverse projection rounds its input (activation
+      quantization) and gives that no gradient, so without this nothing
+      below the tied logits would learn;
+    - int4: autodiff through Keras's call keeps the whole dequantized
+      table (`vocabulary x hidden` float32, 147 MiB for GPT-2) alive from
+      the forward pass to the backward; here only one block of it exists,
+      in the backward pass.
     """
+    rows = min(base.input_dim, max(1, _BLOCK_FLOATS // base.output_dim))
+    full_blocks, rest = divmod(base.input_dim, rows)
+
+    def block_grad(upstream, ids):
+        table = ops.cast(base(ids), upstream.dtype)  # Keras's dequantization
+        return ops.matmul(ops.take(upstream, ids, axis=-1), table)
 
     @ops.custom_gradient
     def reverse(x):
         def grad(*args, upstream=None, variables=None):
             if upstream is None:
                 (upstream,) = args
-            table = base(ops.arange(base.input_dim, dtype="int32"))
-            dx = ops.matmul(upstream, ops.cast(table, upstream.dtype))
+            # A loop, not a Python sum: a compiler may otherwise schedule
+            # every block's lookup at once and hold the whole table again.
+            dx = ops.fori_loop(
+                0,
+                full_blocks,
+                lambda i, dx: ops.add(
+                    dx,
+                    block_grad(
+                        upstream, i * rows + ops.arange(rows, dtype="int32")
+                    ),
+                ),
+                ops.zeros_like(x),
+            )
+            if rest:
+                start = full_blocks * rows
+                ids = ops.arange(start, start + rest, dtype="int32")
+                dx = ops.add(dx, block_grad(upstream, ids))
             if variables is not None:  # TensorFlow: the frozen table
                 return dx, [None] * len(variables)
             return dx
