@@ -245,8 +245,10 @@ class LoraEmbedding(LoraLayer):
                 )
 
 
-# Rows of the dequantized table read at a time in the backward pass of a
-# quantized tied reverse projection (16 MiB of float32 at width 768).
+# Values of the dequantized table per block in the backward pass of a
+# quantized tied reverse projection (16 MiB of float32: 5,461 rows at
+# width 768). Each block's lookup is one Keras call, which on int4 unpacks
+# the whole packed table: fewer, larger blocks cost less time, more memory.
 _BLOCK_FLOATS = 2**22
 
 
