@@ -72,3 +72,15 @@ def weight_snapshot(model):
 @pytest.fixture
 def tmp_keras_path(tmp_path):
     return os.path.join(tmp_path, "model.keras")
+
+
+def skip_unless_channels_first_runs():
+    """Skips where Keras's own channels_first Conv2D cannot run: on a CPU,
+    TensorFlow's Conv2D takes NCHW only through oneDNN (Intel CPUs)."""
+    conv = keras.layers.Conv2D(1, 1, data_format="channels_first")
+    try:
+        conv(np.zeros((1, 1, 2, 2), "float32"))
+    except Exception as error:
+        if "NHWC" not in str(error):
+            raise
+        pytest.skip("this CPU's TensorFlow Conv2D supports NHWC only")

@@ -7,7 +7,7 @@ import pytest
 import keras_lora as kl
 from keras_lora.layers import dora
 from tests import faults
-from tests.conftest import gradients, to_numpy
+from tests.conftest import gradients, skip_unless_channels_first_runs, to_numpy
 
 RNG = np.random.default_rng(0)
 
@@ -291,6 +291,8 @@ def test_embedding_and_conv_match_peft(case):
     of A, B and the magnitude, and exact merges."""
     import torch
 
+    if case == "conv_channels_first":
+        skip_unless_channels_first_runs()
     if case == "embedding":
         tuned, layer, tensors, x_torch, x, to_torch = _embedding_case()
         layout = _TO_KERAS["embedding"]
