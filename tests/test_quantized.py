@@ -369,9 +369,9 @@ def test_quantized_tied_logits_pass_the_dequantized_tables_gradient(
     """The input gradient of a quantized tied reverse projection is that
     of `h @ E^T`, `E` the dequantized table, read in blocks of rows in the
     backward pass (`rows=5`: 12 ids = two blocks and a remainder). Keras's
-    int8 (and per-channel int4) reverse projection rounds its input
-    without a gradient for it; its grouped int4 one would keep the whole
-    dequantized table alive until the backward pass."""
+    int8 reverse projection rounds its input without a gradient for it;
+    its int4 one would keep the whole dequantized table alive until the
+    backward pass."""
     from keras_lora.layers import embedding
 
     if rows is not None:
