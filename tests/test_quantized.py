@@ -335,15 +335,10 @@ def test_operations_on_quantized_models_are_all_or_nothing(mode):
     assert run_with_faults(lambda: kl.unmerge_adapters(model), model, x) > 0
 
 
-def _tied_head(mode):
+def _tied_head(mode, like=None):
     """Dense -> the reverse projection of a tied embedding, LoRA on both,
-    the embedding quantized with `mode` ("int8"/"int4")."""
-    return _tied_head_like(mode, None)
-
-
-def _tied_head_like(mode, like):
-    """`_tied_head(mode)`, or for `mode=None` the same in float32 with
-    the table `_tied_head(like)` dequantizes."""
+    the embedding quantized with `mode` ("int8"/"int4"); for `mode=None`
+    float32, holding the table that `_tied_head(like)` dequantizes."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4, 8))
     h = keras.layers.Dense(8, name="pre")(inputs)
@@ -377,7 +372,7 @@ def test_quantized_tied_logits_pass_the_dequantized_tables_gradient(
     if rows is not None:
         monkeypatch.setattr(embedding, "_BLOCK_FLOATS", rows * 8)
     x = RNG.normal(size=(2, 4, 8)).astype("float32")
-    want = gradients(_tied_head_like(None, mode), x)
+    want = gradients(_tied_head(None, like=mode), x)
     got = gradients(_tied_head(mode), x)
     for g, w in zip(got, want, strict=True):
         assert np.abs(g).max() > 0
