@@ -50,6 +50,21 @@ def run_pack(out, *args):
     return result, record, markdown
 
 
+def failing_steps(record):
+    """What failed, step by step (failed checks, errors): the whole log is
+    too long for a CI report's tail."""
+    lines = []
+    for step in record["steps"]:
+        if step["status"] == "ok":
+            continue
+        failed = [c for c in step.get("checks", []) if not c["ok"]]
+        skip = ("result", "checks")
+        details = {k: v for k, v in step.items() if k not in skip}
+        lines.append(f"{step['backend']} {step['unit']}: {details}")
+        lines.extend(f"    {c['check']}: {c['detail']}" for c in failed)
+    return "\n".join(lines)
+
+
 def by_step(record):
     return {(s["backend"], s["unit"]): s for s in record["steps"]}
 
@@ -57,7 +72,8 @@ def by_step(record):
 @drives_both_backends
 def test_dry_run_runs_every_step_on_both_backends(tmp_path):
     result, record, markdown = run_pack(tmp_path)
-    assert result.returncode == 0, result.stdout[-4000:]
+    why = failing_steps(record) or result.stdout[-4000:]
+    assert result.returncode == 0, why
     assert sorted(os.listdir(tmp_path)) == [
         "gpu_check.json",
         "gpu_check.log",
