@@ -335,18 +335,54 @@ def test_operations_on_quantized_models_are_all_or_nothing(mode):
     assert run_with_faults(lambda: kl.unmerge_adapters(model), model, x) > 0
 
 
-def _tied_head(mode, like=None):
+# Keras's embedding layouts: (mode, config factory, width).
+TABLE_LAYOUTS = {
+    "int8": ("int8", lambda: None, 8),
+    "int4-groups": ("int4", lambda: None, 8),
+    "int4-groups-odd": (
+        "int4",
+        lambda: keras.quantizers.Int4QuantizationConfig(block_size=4),
+        13,
+    ),
+    "int4-per-channel-odd": (
+        "int4",
+        lambda: keras.quantizers.Int4QuantizationConfig(block_size=-1),
+        15,
+    ),
+    "int4-activations": (
+        "int4",
+        lambda: keras.quantizers.Int4QuantizationConfig(
+            activation_quantizer=keras.quantizers.AbsMaxQuantizer(axis=-1),
+            block_size=-1,  # Keras allows custom quantizers per channel only
+        ),
+        8,
+    ),
+}
+
+
+def _quantized_table(layout):
+    mode, config, width = TABLE_LAYOUTS[layout]
+    table = keras.layers.ReversibleEmbedding(VOCAB, width, name="tok")
+    table.build()
+    table.embeddings.assign(RNG.normal(size=(VOCAB, width)))
+    table.quantize(mode, config=config())
+    return table
+
+
+def _tied_head(layout, like=None):
     """Dense -> the reverse projection of a tied embedding, LoRA on both,
-    the embedding quantized with `mode` ("int8"/"int4"); for `mode=None`
+    the embedding quantized as `TABLE_LAYOUTS[layout]`; for `layout=None`
     float32, holding the table that `_tied_head(like)` dequantizes."""
     keras.utils.set_random_seed(0)
+    width = TABLE_LAYOUTS[layout or like][2]
     inputs = keras.Input((4, 8))
-    h = keras.layers.Dense(8, name="pre")(inputs)
-    embedding = keras.layers.ReversibleEmbedding(VOCAB, 8, name="tok")
+    h = keras.layers.Dense(width, name="pre")(inputs)
+    embedding = keras.layers.ReversibleEmbedding(VOCAB, width, name="tok")
     embedding.build()
     model = keras.Model(inputs, embedding(h, reverse=True))
-    if mode is not None:
-        embedding.quantize(mode)  # only the table: "pre" stays exact
+    if layout is not None:
+        mode, config, _ = TABLE_LAYOUTS[layout]
+        embedding.quantize(mode, config=config())  # "pre" stays exact
     else:
         quantized = _tied_head(like).get_layer("tok").base_layer
         embedding.embeddings.assign(to_numpy(quantized(np.arange(VOCAB))))
@@ -356,32 +392,83 @@ def _tied_head(mode, like=None):
     return model
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", sorted(TABLE_LAYOUTS))
 @pytest.mark.parametrize("rows", [None, 5])
 def test_quantized_tied_logits_pass_the_dequantized_tables_gradient(
-    mode, rows, monkeypatch
+    layout, rows, monkeypatch
 ):
     """The input gradient of a quantized tied reverse projection is that
-    of `h @ E^T`, `E` the dequantized table, read in blocks of rows in the
-    backward pass (`rows=5`: 12 ids = two blocks and a remainder). Keras's
-    int8 reverse projection rounds its input without a gradient for it;
-    its int4 one would keep the whole dequantized table alive until the
-    backward pass."""
+    of `h @ E^T`, `E` the dequantized table, read in blocks of rows
+    (`rows=5`: 12 ids = two blocks and a remainder). Keras's int8 reverse
+    projection rounds its input without a gradient for it; its int4 one
+    would keep the whole dequantized table alive until the backward
+    pass."""
     from keras_lora.layers import embedding
 
+    width = TABLE_LAYOUTS[layout][2]
     if rows is not None:
-        monkeypatch.setattr(embedding, "_BLOCK_FLOATS", rows * 8)
+        monkeypatch.setattr(embedding, "_BLOCK_FLOATS", rows * width)
     x = RNG.normal(size=(2, 4, 8)).astype("float32")
-    want = gradients(_tied_head(None, like=mode), x)
-    got = gradients(_tied_head(mode), x)
+    want = gradients(_tied_head(None, like=layout), x)
+    got = gradients(_tied_head(layout), x)
+    # Equal up to the forward's activation rounding (int8 inputs) where
+    # the layout quantizes activations, else to float32 rounding.
+    rounds_inputs = layout in ("int8", "int4-activations")
+    tolerance = 0.005 if rounds_inputs else 1e-5
     for g, w in zip(got, want, strict=True):
         assert np.abs(g).max() > 0
-        # int8: equal up to the forward's activation rounding (int8
-        # inputs); int4: to float32 rounding.
-        tolerance = 0.005 if mode == "int8" else 1e-5
         np.testing.assert_allclose(
             g, w, rtol=tolerance, atol=tolerance * np.abs(w).max()
         )
+
+
+@pytest.mark.parametrize("layout", sorted(TABLE_LAYOUTS))
+def test_dequantized_rows_are_keras_own_lookup(layout):
+    """keras_lora's one use of Keras's dequantization formulas (a block of
+    rows, without unpacking the whole int4 table) equals Keras's lookup."""
+    from keras_lora.layers.quantization import dequantized_rows
+
+    table = _quantized_table(layout)
+    for start, rows in ((0, VOCAB), (3, 5), (VOCAB - 1, 1)):
+        np.testing.assert_allclose(
+            to_numpy(dequantized_rows(table, start, rows)),
+            to_numpy(table(np.arange(start, start + rows))),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+def test_dequantized_rows_refuses_a_float_table():
+    from keras_lora.layers.quantization import dequantized_rows
+
+    table = keras.layers.Embedding(VOCAB, 4, name="floaty")
+    table.build()
+    with pytest.raises(ValueError, match="'floaty' is not quantized"):
+        dequantized_rows(table, 0, 2)
+
+
+@pytest.mark.parametrize("layout", sorted(TABLE_LAYOUTS))
+def test_quantized_tied_logits_in_blocks_are_keras_reverse_call(
+    layout, monkeypatch
+):
+    """Blocks of 5 rows over 12 ids (two blocks and a remainder): int4
+    logits computed block by block (int8, and int4 with activation
+    quantization, run Keras's call) equal Keras's own reverse projection
+    plus the branch."""
+    from keras_lora.layers import embedding
+
+    base = _quantized_table(layout)
+    width = base.output_dim
+    monkeypatch.setattr(embedding, "_BLOCK_FLOATS", 5 * width)
+    rounds_inputs = layout in ("int8", "int4-activations")
+    assert (base.inputs_quantizer is not None) == rounds_inputs
+    layer = kl.LoraEmbedding.from_layer(base, rank=2)
+    _randomize(layer)
+    h = RNG.normal(size=(2, 3, width)).astype("float32")
+    expected = to_numpy(base(h, reverse=True)) + _branch(layer, h, True)
+    np.testing.assert_allclose(
+        to_numpy(layer(h, reverse=True)), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_apply_lora_warns_about_an_unadapted_int8_tied_embedding():

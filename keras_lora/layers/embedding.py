@@ -245,63 +245,89 @@ class LoraEmbedding(LoraLayer):
                 )
 
 
-# Values of the dequantized table per block in the backward pass of a
-# quantized tied reverse projection (16 MiB of float32: 5,461 rows at
-# width 768). Each block's lookup is one Keras call, which on int4 unpacks
-# the whole packed table: fewer, larger blocks cost less time, more memory.
+# Values of the dequantized table per block in a quantized tied reverse
+# projection (16 MiB of float32: 5,461 rows at width 768).
 _BLOCK_FLOATS = 2**22
 
 
 def _quantized_reverse(base, inputs):
-    """The quantized base's own tied reverse call (the logits), with a
-    backward pass that never holds the dequantized table whole.
+    """The logits of a quantized tied `ReversibleEmbedding`, `h @ E^T` with
+    `E` its dequantized table, never holding `E` whole.
 
-    The forward is Keras's call unchanged. The input's gradient is that of
-    `h @ E^T`, `E` the dequantized table, accumulated over blocks of rows
-    that Keras's own lookup dequantizes (`base(ids)`, so keras_lora never
-    re-implements dequantization), one block at a time:
+    `E` is read in blocks of rows (`quantization.dequantized_rows`: only
+    the block's stored rows are unpacked and dequantized), one block at a
+    time: a loop, so that a compiler cannot schedule every block at once.
 
-    - int8: Keras's reverse projection rounds its input (activation
-      quantization) and gives that no gradient, so without this nothing
-      below the tied logits would learn;
-    - int4: autodiff through Keras's call keeps the whole dequantized
-      table (`vocabulary x hidden` float32, 147 MiB for GPT-2) alive from
-      the forward pass to the backward; here only one block of it exists,
-      in the backward pass.
+    - Forward: on int4 without activation quantization (Keras's default),
+      the logits are computed block by block; Keras's own call would
+      build the whole float table (and, in eager PyTorch, several
+      table-sized temporaries: 147 MiB each for GPT-2). Otherwise (int8,
+      whose reverse projection rounds its input to int8 first) it is
+      Keras's call.
+    - Backward: the input's gradient is accumulated over blocks,
+      `sum_b upstream[:, b] @ E[b]`. Keras's int8 call gives its input no
+      gradient at all (without this, nothing below the tied logits would
+      learn); autodiff through its int4 call would keep the whole float
+      table from the forward pass to the backward.
     """
-    rows = min(base.input_dim, max(1, _BLOCK_FLOATS // base.output_dim))
-    full_blocks, rest = divmod(base.input_dim, rows)
+    vocabulary, width = base.input_dim, base.output_dim
+    rows = min(vocabulary, max(1, _BLOCK_FLOATS // width))
+    full_blocks, rest = divmod(vocabulary, rows)
+    blocked_forward = (
+        quantization.quantization_mode(base) == "int4"
+        and getattr(base, "inputs_quantizer", None) is None
+    )
 
-    def block_grad(upstream, ids):
-        table = ops.cast(base(ids), upstream.dtype)  # Keras's dequantization
-        return ops.matmul(ops.take(upstream, ids, axis=-1), table)
+    def table(start, n, dtype):
+        return ops.cast(quantization.dequantized_rows(base, start, n), dtype)
+
+    def logits(x):
+        flat = ops.transpose(ops.reshape(x, (-1, width)))  # (width, N)
+
+        def block(start, n):  # (n, N)
+            return ops.matmul(table(start, n, x.dtype), flat)
+
+        parts = []
+        if full_blocks:
+            stacked = ops.map(
+                lambda i: block(i * rows, rows),
+                ops.arange(full_blocks, dtype="int32"),
+            )
+            parts.append(ops.reshape(stacked, (full_blocks * rows, -1)))
+        if rest:
+            parts.append(block(full_blocks * rows, rest))
+        out = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        return ops.reshape(
+            ops.transpose(out), tuple(ops.shape(x)[:-1]) + (vocabulary,)
+        )
 
     @ops.custom_gradient
     def reverse(x):
         def grad(*args, upstream=None, variables=None):
             if upstream is None:
                 (upstream,) = args
-            # A loop, not a Python sum: a compiler may otherwise schedule
-            # every block's lookup at once and hold the whole table again.
+            flat = ops.reshape(upstream, (-1, vocabulary))
+            count = ops.shape(flat)[0]
+
+            def block_grad(start, n):
+                part = ops.slice(flat, (0, start), (count, n))
+                return ops.matmul(part, table(start, n, flat.dtype))
+
             dx = ops.fori_loop(
                 0,
                 full_blocks,
-                lambda i, dx: ops.add(
-                    dx,
-                    block_grad(
-                        upstream, i * rows + ops.arange(rows, dtype="int32")
-                    ),
-                ),
-                ops.zeros_like(x),
+                lambda i, dx: ops.add(dx, block_grad(i * rows, rows)),
+                ops.zeros((count, width), flat.dtype),
             )
             if rest:
-                start = full_blocks * rows
-                ids = ops.arange(start, start + rest, dtype="int32")
-                dx = ops.add(dx, block_grad(upstream, ids))
+                dx = ops.add(dx, block_grad(full_blocks * rows, rest))
+            dx = ops.cast(ops.reshape(dx, ops.shape(x)), x.dtype)
             if variables is not None:  # TensorFlow: the frozen table
                 return dx, [None] * len(variables)
             return dx
 
+        if blocked_forward:
+            return logits(x), grad
         return base(x, reverse=True), grad
 
     return reverse(inputs)

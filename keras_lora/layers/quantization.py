@@ -18,7 +18,10 @@ classes need is here, once:
   on a scratch copy of the base layer, and writes the result back with
   the layer's own `load_own_variables`; keras_lora never re-implements
   (de)quantization;
-- `Drift`: what a requantizing merge cost, measured on the layer's outputs.
+- `Drift`: what a requantizing merge cost, measured on the layer's outputs;
+- `dequantized_rows(layer, start, rows)`: a block of rows of a quantized
+  embedding table in float32, the one place that applies Keras's
+  dequantization formulas itself (see its docstring for why).
 """
 
 import dataclasses
@@ -189,3 +192,53 @@ def gaussian_probe(base_layer, rows=64, seed=0):
     shape = [rows] + [1 if d is None else int(d) for d in shape[1:]]
     rng = np.random.default_rng(seed)
     return rng.standard_normal(shape).astype("float32")
+
+
+def dequantized_rows(layer, start, rows):
+    """Rows `start:start + rows` of a quantized `Embedding`'s table, as
+    float32: what Keras's own lookup `layer(ids)` returns for those ids.
+
+    Keras's int4 lookup unpacks the *whole* packed table on every call, so
+    reading a vocabulary-sized table in blocks through it costs one full
+    unpack per block (on PyTorch, most of a GPT-2 step's time). Here only
+    the block's stored rows are sliced, then unpacked with Keras's
+    `keras.quantizers.unpack_int4` and dequantized with the formulas of
+    Keras's `Embedding._int8_call` / `_int4_call` (Keras 3.15): int8 and
+    per-channel int4 `q / scale[row]`, int4 in groups `(q - zero[row,
+    group]) * scale[row, group]`. This is the only place keras_lora
+    applies Keras's dequantization itself; `tests/test_quantized.py`
+    checks it against `layer(ids)` on every layout, so a change in Keras
+    fails there. `start` may be a traced integer (inside a loop); `rows`
+    is a Python int. The layer's variables are found by name in
+    `layer.weights`.
+    """
+    mode = quantization_mode(layer)
+    if mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"dequantized_rows: layer '{layer.name}' is not quantized with "
+            f"one of {SUPPORTED_MODES} (mode {mode!r})."
+        )
+    stored = {v.name: v for v in layer.weights}
+
+    def block(name):
+        variable = stored[name]
+        tail = tuple(variable.shape[1:])
+        return ops.slice(
+            ops.convert_to_tensor(variable),
+            (start,) + (0,) * len(tail),
+            (rows,) + tail,
+        )
+
+    table = block("embeddings")
+    if mode == "int4":
+        table = keras.quantizers.unpack_int4(table, layer.output_dim, axis=-1)
+    table = ops.cast(table, "float32")
+    scale = ops.cast(block("embeddings_scale"), "float32")
+    if "embeddings_zero" in stored:  # int4 in groups, with zero points
+        groups = ops.cast(stored["g_idx"], "int32")
+        zero = ops.cast(block("embeddings_zero"), "float32")
+        return ops.multiply(
+            ops.subtract(table, ops.take(zero, groups, axis=-1)),
+            ops.take(scale, groups, axis=-1),
+        )
+    return ops.divide(table, ops.reshape(scale, (rows, 1)))
