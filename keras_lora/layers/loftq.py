@@ -15,7 +15,7 @@ and the adapter the top-r part of its quantization error.
 Quantization is Keras's own (`layer.quantize(mode)`), run on scratch
 copies of the float layer; the dequantized kernel is read back by calling
 the quantized copy on one-hot inputs (the layer class's `kernel_probe`),
-so keras_lora never re-implements Keras's (de)quantization.
+so LoftQ never re-implements Keras's (de)quantization.
 """
 
 import contextlib

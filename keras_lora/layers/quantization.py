@@ -17,7 +17,7 @@ classes need is here, once:
   code (the merge its built-in LoRA does when it saves a quantized layer),
   on a scratch copy of the base layer, and writes the result back with
   the layer's own `load_own_variables`; keras_lora never re-implements
-  (de)quantization;
+  quantization;
 - `Drift`: what a requantizing merge cost, measured on the layer's outputs;
 - `dequantized_rows(layer, start, rows)`: a block of rows of a quantized
   embedding table in float32, the one place that applies Keras's
